@@ -1,0 +1,135 @@
+"""Shared test helpers: PyTorch references and hypothesis strategies for convolution problems.
+
+PyTorch is the independent reference. NHWC/HWIO arrays are converted at the edge with the package's
+named converters, whose index mapping is itself checked in test_conv2d.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from convbook import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw
+
+settings.register_profile(
+    "default", max_examples=150, deadline=None, derandomize=True, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=2000,
+                          derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+torch.set_num_threads(1)
+
+# Tolerances. float64: both libraries add the same O(100) products of O(1) numbers in different orders,
+# so they agree to ~1e-14; 1e-10 leaves room and still catches any real bug. float32: rounding grows with
+# the number of terms; we bound the error relative to the output's scale.
+F64_TOL = 1e-10
+F32_REL = 2e-5
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, dtype) -> None:
+    """Shapes equal and max |actual - expected| within the dtype's tolerance (see above)."""
+    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    scale = 1.0 + float(np.abs(expected).max(initial=0.0))
+    tol = F64_TOL * scale if np.dtype(dtype) == np.float64 else F32_REL * scale
+    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+    assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
+
+
+def to_t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a, order="C", copy=True))  # fresh strides: torch refuses negative ones
+
+
+def torch_pad_conv_input(x: np.ndarray, padding) -> tuple[torch.Tensor, object]:
+    """NCHW tensor of x, and the padding argument to give F.conv2d (explicit pads applied with F.pad)."""
+    tx = to_t(nhwc_to_nchw(x))
+    if isinstance(padding, tuple) and isinstance(padding[0], tuple):
+        (t, b), (l, r) = padding
+        return F.pad(tx, (l, r, t, b)), 0
+    return tx, padding
+
+
+def torch_conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1) -> np.ndarray:
+    """torch.nn.functional.conv2d on NHWC x and HWIO w; NHWC NumPy output."""
+    tx, pad = torch_pad_conv_input(x, padding)
+    y = F.conv2d(tx, to_t(hwio_to_oihw(w)), None if b is None else to_t(b),
+                 stride=stride, padding=pad, dilation=dilation)
+    return nchw_to_nhwc(y.numpy())
+
+
+@dataclass
+class ConvCase:
+    """One random convolution problem."""
+    x: np.ndarray
+    w: np.ndarray
+    b: np.ndarray | None
+    stride: object
+    padding: object
+    dilation: object
+    layout: str
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(stride=self.stride, padding=self.padding, dilation=self.dilation)
+
+
+def make_layout(rng: np.random.Generator, shape, dtype, layout: str) -> np.ndarray:
+    """A standard-normal NHWC array of `shape` and `dtype` with the requested memory layout."""
+    n, h, w, c = shape
+    normal = lambda s: rng.standard_normal(s).astype(dtype)  # noqa: E731
+    a = {
+        "contiguous": lambda: normal(shape),
+        "nchw": lambda: normal((n, c, h, w)).transpose(0, 2, 3, 1),          # NCHW buffer seen as NHWC
+        "strided": lambda: normal((n, 2 * h, 2 * w + 1, c))[:, ::2, 1::2, :],  # every other row/column
+        "flipped": lambda: normal(shape)[:, ::-1, ::-1, :],                   # negative strides
+        "fortran": lambda: np.asfortranarray(normal(shape)),
+    }[layout]()
+    assert a.shape == tuple(shape) and a.dtype == dtype
+    return a
+
+
+LAYOUTS = ["contiguous", "nchw", "strided", "flipped", "fortran"]
+
+
+@st.composite
+def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11):
+    """Random valid conv2d problems: shapes, stride, padding (all forms), dilation, layouts."""
+    n, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    dilation = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    forms = ["int", "pair", "explicit", "valid"] + (["same"] if allow_same and (sh, sw) == (1, 1) else [])
+    form = draw(st.sampled_from(forms))
+    if form == "int":
+        p = draw(st.integers(0, 3)); padding, pads = p, ((p, p), (p, p))
+    elif form == "pair":
+        ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3)); padding, pads = (ph, pw), ((ph, ph), (pw, pw))
+    elif form == "explicit":
+        pads = tuple(tuple(draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2)); padding = pads
+    elif form == "valid":
+        padding, pads = "valid", ((0, 0), (0, 0))
+    else:
+        padding = "same"
+        pads = tuple((t // 2, t - t // 2) for t in (dh * (kh - 1), dw * (kw - 1)))
+    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+    h = draw(st.integers(max(1, span_h - sum(pads[0])), max(1, span_h - sum(pads[0])) + max_hw))
+    w_ = draw(st.integers(max(1, span_w - sum(pads[1])), max(1, span_w - sum(pads[1])) + max_hw))
+    layout = draw(st.sampled_from(LAYOUTS))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = make_layout(rng, (n, h, w_, c_in), dtype, layout)
+    wt = rng.standard_normal((kh, kw, c_in, c_out)).astype(dtype)
+    b = rng.standard_normal(c_out).astype(dtype) if draw(st.booleans()) else None
+    return ConvCase(x, wt, b, stride, padding, dilation, layout)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
