@@ -42,14 +42,22 @@ def check_array(x, name: str, ndim: int, layout: str) -> np.ndarray:
     """
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
-    if x.dtype == np.bool_ or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
-        raise TypeError(f"{name} must have a real numeric dtype (float32, float64 or an integer type), got {x.dtype}")
+    if x.dtype == np.bool_ or not (
+        np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
+    ):
+        raise TypeError(
+            f"{name} must have a real numeric dtype (float32, float64 or an integer type), got {x.dtype}"
+        )
     if x.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D with layout {layout}, got shape {x.shape}")
+        raise ValueError(
+            f"{name} must be {ndim}-D with layout {layout}, got shape {x.shape}"
+        )
     return x
 
 
-def out_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+def out_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> int:
     """Output length of a convolution along one axis: `(size + 2*padding - dilation*(kernel-1) - 1) // stride + 1`.
 
     A result below 1 means the (dilated) kernel does not fit in the padded input.
@@ -57,7 +65,9 @@ def out_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 # %% ../book/02_windows.ipynb #a7737745
-def check_inside(base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
+def check_inside(
+    base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]
+) -> None:
     """Raise `ValueError` unless a view of `base` with `shape` and byte `strides` stays inside `base`'s memory.
 
     Both byte ranges are measured from the address of `base`'s first element, so the check holds for
@@ -74,14 +84,20 @@ def check_inside(base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, .
         )
 
 
-def safe_as_strided(base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarray:
+def safe_as_strided(
+    base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]
+) -> np.ndarray:
     """`np.lib.stride_tricks.as_strided`, only after `check_inside` proved the view stays in `base`; read-only."""
     shape, strides = tuple(int(n) for n in shape), tuple(int(s) for s in strides)
     check_inside(base, shape, strides)
-    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=strides, writeable=False)
+    return np.lib.stride_tricks.as_strided(
+        base, shape=shape, strides=strides, writeable=False
+    )
 
 # %% ../book/02_windows.ipynb #3262d94d
-def windows(x: np.ndarray, kernel: IntPair, *, stride: IntPair = 1, dilation: IntPair = 1) -> np.ndarray:
+def windows(
+    x: np.ndarray, kernel: IntPair, *, stride: IntPair = 1, dilation: IntPair = 1
+) -> np.ndarray:
     """Every `kernel`-sized window of an NHWC batch, as a read-only view (no copy).
 
     x: `(N, H, W, C)`. kernel, stride, dilation: int or `(height, width)` pair, each >= 1.
@@ -101,13 +117,23 @@ def windows(x: np.ndarray, kernel: IntPair, *, stride: IntPair = 1, dilation: In
             f"larger than the input x of height and width {(h, w)}"
         )
     s_n, s_h, s_w, s_c = x.strides
-    return safe_as_strided(x, (n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c))
+    return safe_as_strided(
+        x, (n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c)
+    )
 
 # %% ../book/02_windows.ipynb #749685d9
-def as_padding(padding, name: str = "padding") -> tuple[tuple[int, int], tuple[int, int]]:
+def as_padding(
+    padding, name: str = "padding"
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """Normalise int, `(ph, pw)` or `((top, bottom), (left, right))` to the last form, checking ints >= 0."""
-    if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(isinstance(p, (tuple, list)) for p in padding):
-        return as_pair(padding[0], name, minimum=0), as_pair(padding[1], name, minimum=0)
+    if (
+        isinstance(padding, (tuple, list))
+        and len(padding) == 2
+        and all(isinstance(p, (tuple, list)) for p in padding)
+    ):
+        return as_pair(padding[0], name, minimum=0), as_pair(
+            padding[1], name, minimum=0
+        )
     ph, pw = as_pair(padding, name, minimum=0)
     return (ph, ph), (pw, pw)
 
@@ -120,4 +146,6 @@ def pad2d(x: np.ndarray, padding, value: float = 0) -> np.ndarray:
     """
     x = check_array(x, "x", 4, "(N, H, W, C)")
     (top, bottom), (left, right) = as_padding(padding)
-    return np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value)
+    return np.pad(
+        x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value
+    )
