@@ -19,7 +19,9 @@ __all__ = ['CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'conv_spec', 'padded
 # %% ../book/03_einsum.ipynb #c9d6181c
 @dataclass(frozen=True)
 class ConvSpec:
-    """A validated convolution: shapes, stride, explicit padding `((top, bottom), (left, right))`, dilation, dtype."""
+    """A validated convolution: shapes, stride, explicit padding `((top, bottom), (left,
+    right))`, dilation, dtype.
+    """
 
     x_shape: tuple[int, int, int, int]
     w_shape: tuple[int, int, int, int]
@@ -48,10 +50,12 @@ def resolve_padding(
     stride: tuple[int, int] = (1, 1),
     dilation: tuple[int, int] = (1, 1),
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Explicit `((top, bottom), (left, right))` padding from an int, a pair, the explicit form, `"valid"` or `"same"`.
+    """Explicit `((top, bottom), (left, right))` padding from an int, a pair, the
+    explicit form, `"valid"` or `"same"`.
 
-    `"same"` needs stride 1 and pads `dilation*(kernel-1)` pixels in total per axis, the odd one at the
-    bottom/right, as PyTorch does. `kernel`, `stride`, `dilation` are already-validated pairs.
+    `"same"` needs stride 1 and pads `dilation*(kernel-1)` pixels in total per axis, the
+    odd one at the bottom/right, as PyTorch does. `kernel`, `stride`, `dilation` are
+    already-validated pairs.
     """
     if isinstance(padding, str):
         if padding == "valid":
@@ -70,11 +74,13 @@ def resolve_padding(
 
 
 def conv_spec(x, w, b=None, *, stride=1, padding=0, dilation=1):
-    """Validate the arguments of `conv2d`; return `(x, w, b, spec)` with the arrays cast to the output dtype.
+    """Validate the arguments of `conv2d`; return `(x, w, b, spec)` with the arrays cast
+    to the output dtype.
 
-    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`, b: `(C_out,)` or None. padding: int, pair,
-    `((top, bottom), (left, right))`, `"valid"` or `"same"` (stride 1 only; an odd total puts the extra
-    pixel at the bottom/right, as PyTorch does). Raises `TypeError`/`ValueError` naming the argument.
+    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`, b: `(C_out,)` or None. padding:
+    int, pair, `((top, bottom), (left, right))`, `"valid"` or `"same"` (stride 1 only;
+    an odd total puts the extra pixel at the bottom/right, as PyTorch does). Raises
+    `TypeError`/`ValueError` naming the argument.
     """
     x = check_array(x, "x", 4, "NHWC (N, H, W, C_in)")
     w = check_array(w, "w", 4, "HWIO (KH, KW, C_in, C_out)")
@@ -120,7 +126,8 @@ CONV2D_METHODS: dict[str, tuple[Callable, int]] = {}
 
 
 def register_conv2d(name: str, priority: int = 0):
-    """Decorator: make `fn(x, w, spec) -> y` (no bias) available as `conv2d(..., method=name)`.
+    """Decorator: make `fn(x, w, spec) -> y` (no bias) available as `conv2d(...,
+    method=name)`.
 
     `method="auto"` uses the registered method with the highest `priority`.
     """
@@ -140,14 +147,15 @@ def conv2d_methods() -> list[str]:
 def conv2d(
     x, w, b=None, *, stride=1, padding=0, dilation=1, method: str = "auto"
 ) -> np.ndarray:
-    """2-D convolution (cross-correlation, as in PyTorch) of an NHWC batch with an HWIO kernel.
+    """2-D convolution (cross-correlation, as in PyTorch) of an NHWC batch with an HWIO
+    kernel.
 
     x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`, b: `(C_out,)` or None.
-    stride, dilation: int or pair, >= 1. padding: int, pair, `((top, bottom), (left, right))`,
-    `"valid"` or `"same"`. Returns `(N, H_out, W_out, C_out)` with
-    `H_out = (H + top + bottom - dilation_h*(KH-1) - 1) // stride_h + 1` (likewise `W_out`), in the
-    inputs' floating dtype (float32 stays float32; integer inputs give float64).
-    method: `"auto"` (the best available) or one of `conv2d_methods()`.
+    stride, dilation: int or pair, >= 1. padding: int, pair, `((top, bottom), (left,
+    right))`, `"valid"` or `"same"`. Returns `(N, H_out, W_out, C_out)` with `H_out = (H
+    + top + bottom - dilation_h*(KH-1) - 1) // stride_h + 1` (likewise `W_out`), in the
+    inputs' floating dtype (float32 stays float32; integer inputs give float64). method:
+    `"auto"` (the best available) or one of `conv2d_methods()`.
     """
     if not isinstance(method, str) or (
         method != "auto" and method not in CONV2D_METHODS
@@ -167,7 +175,9 @@ def conv2d(
 # %% ../book/03_einsum.ipynb #6ec36b75
 @register_conv2d("naive", priority=0)
 def conv2d_naive(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """One output pixel at a time: `y[:, i, j, :] = tensordot(xpad[:, window(i, j), :], w, 3)`. Shapes as `conv2d`."""
+    """One output pixel at a time: `y[:, i, j, :] = tensordot(xpad[:, window(i, j), :], w,
+    3)`. Shapes as `conv2d`.
+    """
     xp = padded(x, spec)
     kh, kw = spec.w_shape[:2]
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
@@ -189,7 +199,9 @@ def conv2d_naive(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
 # %% ../book/03_einsum.ipynb #397f5738
 @register_conv2d("einsum", priority=10)
 def conv2d_einsum(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
-    """Windows `(N, H_out, W_out, KH, KW, C_in)` contracted with `w` `(KH, KW, C_in, C_out)` by one `np.einsum`."""
+    """Windows `(N, H_out, W_out, KH, KW, C_in)` contracted with `w` `(KH, KW, C_in,
+    C_out)` by one `np.einsum`.
+    """
     win = windows(
         padded(x, spec), spec.w_shape[:2], stride=spec.stride, dilation=spec.dilation
     )

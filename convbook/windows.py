@@ -19,10 +19,11 @@ __all__ = ['IntPair', 'as_pair', 'check_array', 'out_size', 'check_inside', 'saf
 
 # %% ../book/02_windows.ipynb #0a022bfb
 def as_pair(value, name: str, *, minimum: int = 1) -> tuple[int, int]:
-    """Normalise an int or a pair of ints to `(height, width)`, checking each is an integer `>= minimum`.
+    """Normalise an int or a pair of ints to `(height, width)`, checking each is an
+    integer `>= minimum`.
 
-    Raises `TypeError` for non-integers (floats, bools, strings) and `ValueError` for a wrong length or
-    a value below `minimum`; both messages name the argument `name`.
+    Raises `TypeError` for non-integers (floats, bools, strings) and `ValueError` for a
+    wrong length or a value below `minimum`; both messages name the argument `name`.
     """
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2:
@@ -36,7 +37,8 @@ def as_pair(value, name: str, *, minimum: int = 1) -> tuple[int, int]:
 
 
 def check_array(x, name: str, ndim: int, layout: str) -> np.ndarray:
-    """Return `x` as an ndarray with `ndim` dimensions and a real numeric dtype, or raise naming `name`.
+    """Return `x` as an ndarray with `ndim` dimensions and a real numeric dtype, or
+    raise naming `name`.
 
     `layout` describes the expected axes for the error message, e.g. `"(N, H, W, C)"`.
     """
@@ -58,7 +60,8 @@ def check_array(x, name: str, ndim: int, layout: str) -> np.ndarray:
 def out_size(
     size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
 ) -> int:
-    """Output length of a convolution along one axis: `(size + 2*padding - dilation*(kernel-1) - 1) // stride + 1`.
+    """Output length of a convolution along one axis: `(size + 2*padding -
+    dilation*(kernel-1) - 1) // stride + 1`.
 
     A result below 1 means the (dilated) kernel does not fit in the padded input.
     """
@@ -68,10 +71,11 @@ def out_size(
 def check_inside(
     base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]
 ) -> None:
-    """Raise `ValueError` unless a view of `base` with `shape` and byte `strides` stays inside `base`'s memory.
+    """Raise `ValueError` unless a view of `base` with `shape` and byte `strides` stays
+    inside `base`'s memory.
 
-    Both byte ranges are measured from the address of `base`'s first element, so the check holds for
-    non-contiguous and negatively strided `base` arrays too.
+    Both byte ranges are measured from the address of `base`'s first element, so the
+    check holds for non-contiguous and negatively strided `base` arrays too.
     """
     if len(shape) != len(strides) or any(n < 0 for n in shape):
         raise ValueError(f"invalid view: shape {shape} with strides {strides}")
@@ -87,7 +91,9 @@ def check_inside(
 def safe_as_strided(
     base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]
 ) -> np.ndarray:
-    """`np.lib.stride_tricks.as_strided`, only after `check_inside` proved the view stays in `base`; read-only."""
+    """`np.lib.stride_tricks.as_strided`, only after `check_inside` proved the view stays
+    in `base`; read-only.
+    """
     shape, strides = tuple(int(n) for n in shape), tuple(int(s) for s in strides)
     check_inside(base, shape, strides)
     return np.lib.stride_tricks.as_strided(
@@ -100,10 +106,11 @@ def windows(
 ) -> np.ndarray:
     """Every `kernel`-sized window of an NHWC batch, as a read-only view (no copy).
 
-    x: `(N, H, W, C)`. kernel, stride, dilation: int or `(height, width)` pair, each >= 1.
-    Returns `(N, H_out, W_out, KH, KW, C)` with `H_out = (H - dilation_h*(KH-1) - 1) // stride_h + 1`
-    (likewise `W_out`); element `[n, i, j, a, b, c]` is `x[n, i*sh + a*dh, j*sw + b*dw, c]`.
-    Works for any strides of `x` (transposes, slices, negative steps), because it reuses them.
+    x: `(N, H, W, C)`. kernel, stride, dilation: int or `(height, width)` pair, each >=
+    1. Returns `(N, H_out, W_out, KH, KW, C)` with `H_out = (H - dilation_h*(KH-1) - 1)
+    // stride_h + 1` (likewise `W_out`); element `[n, i, j, a, b, c]` is `x[n, i*sh +
+    a*dh, j*sw + b*dw, c]`. Works for any strides of `x` (transposes, slices, negative
+    steps), because it reuses them.
     """
     x = check_array(x, "x", 4, "(N, H, W, C)")
     kh, kw = as_pair(kernel, "kernel")
@@ -125,7 +132,9 @@ def windows(
 def as_padding(
     padding, name: str = "padding"
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Normalise int, `(ph, pw)` or `((top, bottom), (left, right))` to the last form, checking ints >= 0."""
+    """Normalise int, `(ph, pw)` or `((top, bottom), (left, right))` to the last form,
+    checking ints >= 0.
+    """
     if (
         isinstance(padding, (tuple, list))
         and len(padding) == 2
@@ -139,10 +148,12 @@ def as_padding(
 
 
 def pad2d(x: np.ndarray, padding, value: float = 0) -> np.ndarray:
-    """Pad the H and W axes of an NHWC batch with `value` (zeros by default); always returns a new array.
+    """Pad the H and W axes of an NHWC batch with `value` (zeros by default); always
+    returns a new array.
 
     x: `(N, H, W, C)` -> `(N, H + top + bottom, W + left + right, C)`.
-    padding: int (all sides), `(ph, pw)`, or `((top, bottom), (left, right))`; every amount an int >= 0.
+    padding: int (all sides), `(ph, pw)`, or `((top, bottom), (left, right))`; every
+    amount an int >= 0.
     """
     x = check_array(x, "x", 4, "(N, H, W, C)")
     (top, bottom), (left, right) = as_padding(padding)
