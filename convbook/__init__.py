@@ -5,9 +5,13 @@
 # %% auto #0
 __all__ = []
 
-# %% ../book/00_package.ipynb #0aba08ab
+# %% ../book/00_package.ipynb #0de059dd
 __version__ = "0.1.0"
 
 from .memory import *
 from .windows import *
 from .conv import *
+from .im2col import *
+from .backward import *
+from .pool import *
+from .transpose import *

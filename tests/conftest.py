@@ -133,3 +133,34 @@ def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11):
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def torch_conv2d_grads(x, w, b, dy, *, stride=1, padding=0, dilation=1):
+    """(dx, dw, db) of conv2d by PyTorch autograd, for NHWC x, HWIO w, NHWC dy (float64 or float32)."""
+    tx = to_t(nhwc_to_nchw(x)).requires_grad_()
+    tw = to_t(hwio_to_oihw(w)).requires_grad_()
+    tb = to_t(np.zeros(w.shape[3], dtype=x.dtype) if b is None else b).requires_grad_()
+    if isinstance(padding, tuple) and isinstance(padding[0], tuple):
+        (t, bo), (l, r) = padding
+        inp, pad = F.pad(tx, (l, r, t, bo)), 0
+    else:
+        inp, pad = tx, padding
+    y = F.conv2d(inp, tw, tb, stride=stride, padding=pad, dilation=dilation)
+    y.backward(to_t(nhwc_to_nchw(dy)))
+    return (nchw_to_nhwc(tx.grad.numpy()), tw.grad.numpy().transpose(2, 3, 1, 0), tb.grad.numpy())
+
+
+def numerical_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """Central finite differences of the scalar function f at every entry of float64 `a`."""
+    g = np.zeros_like(a)
+    it = np.nditer(a, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = a[i]
+        a[i] = old + h
+        fp = f()
+        a[i] = old - h
+        fm = f()
+        a[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "_ext"))
 from nbdev_directives import strip_directives  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
-PAGES = [TOC["root"]] + [c["file"] for c in TOC.get("chapters", [])]
+PAGES = [TOC["root"]] + [p["file"] for c in TOC.get("chapters", []) for p in [c, *c.get("sections", [])]]
 CHAPTERS = [p for p in PAGES if p != TOC["root"]]
 DIRECTIVE = re.compile(r"^\s*#\s*\|", re.M)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convbook import conv2d, pad2d, windows
+from convbook import (avg_pool2d, avg_pool2d_backward, col2im, conv2d, conv2d_backward, conv_transpose2d,
+                      dilate, im2col, max_pool2d, max_pool2d_backward, pad2d, rot180, windows)
 
 x = np.zeros((2, 8, 8, 3))
 w = np.zeros((3, 3, 3, 4))
@@ -51,10 +52,58 @@ CASES = [
     (lambda: conv2d(x, np.zeros((3, 3, 3, 0))), ValueError, "w"),
     (lambda: conv2d(x, w, method="fft"), ValueError, "method"),
     (lambda: conv2d(x, w, method=None), ValueError, "method"),
+    # im2col / col2im
+    (lambda: im2col(x[0], 3), ValueError, "x must be 4-D"),
+    (lambda: im2col(x, 3, stride=0), ValueError, "stride"),
+    (lambda: im2col(x, 9), ValueError, "larger than the padded input x"),
+    (lambda: im2col(x, 5, padding=1, dilation=3), ValueError, "larger than the padded input x"),
+    (lambda: im2col(x, 3, padding=-1), ValueError, "padding"),
+    (lambda: im2col(x, 3, stride=2, padding="same"), ValueError, "same"),
+    (lambda: col2im(np.zeros((2 * 36, 27)), (2, 8, 8, 3), 3), None, None),
+    (lambda: col2im(np.zeros((10, 27)), (2, 8, 8, 3), 3), ValueError, "cols must have shape"),
+    (lambda: col2im(np.zeros(27), (2, 8, 8, 3), 3), ValueError, "cols must be 2-D"),
+    (lambda: col2im(np.zeros((72, 27)), (2, 8, 8), 3), ValueError, "x_shape"),
+    (lambda: col2im(np.zeros((72, 27)), (2, 8, 8.0, 3), 3), TypeError, "x_shape"),
+    (lambda: col2im(np.zeros((72, 27)), 5, 3), TypeError, "x_shape"),
+    (lambda: col2im(np.zeros((72, 27)), (2, 8, 8, 3), 3, dilation=0), ValueError, "dilation"),
+    (lambda: col2im(np.zeros((72, 27), dtype=complex), (2, 8, 8, 3), 3), TypeError, "cols"),
+    # conv2d_backward
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)), x, w), None, None),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 3)), x, w), ValueError, "dy must have the shape"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6)), x, w), ValueError, "dy must be 4-D"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)), x, w[:, :, :2]), ValueError, "channel mismatch"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)), x, w, stride=0), ValueError, "stride"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)), x, w, method="magic"), ValueError, "method"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)).astype(str), x, w), TypeError, "dy"),
+    # dilate, rot180, conv_transpose2d
+    (lambda: dilate(x, 0), ValueError, "stride"),
+    (lambda: dilate(x[0], 2), ValueError, "x must be 4-D"),
+    (lambda: rot180(w[0]), ValueError, "w must be 4-D"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3))), None, None),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 2))), ValueError, "channel mismatch"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), output_padding=1), ValueError, "output_padding"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), stride=2, output_padding=2), ValueError,
+     "output_padding"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), padding=9), ValueError, "padding"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), padding="same"), TypeError, "padding"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), dilation=1.5), TypeError, "dilation"),
+    # pooling
+    (lambda: max_pool2d(x, 2), None, None),
+    (lambda: max_pool2d(x, 2, padding=2), ValueError, "padding must be at most half"),
+    (lambda: max_pool2d(x, 9), ValueError, "kernel"),
+    (lambda: max_pool2d(x, 0), ValueError, "kernel"),
+    (lambda: avg_pool2d(x, 2, stride=0), ValueError, "stride"),
+    (lambda: avg_pool2d(x, 2.0), TypeError, "kernel"),
+    (lambda: avg_pool2d(x.astype(str), 2), TypeError, "x"),
+    (lambda: max_pool2d_backward(np.zeros((2, 3, 3, 3)), x, 2), ValueError, "dy must have the shape"),
+    (lambda: avg_pool2d_backward(np.zeros((2, 4, 4)), x, 2), ValueError, "dy must be 4-D"),
 ]
 
 
-@pytest.mark.parametrize("call,exc,word", CASES, ids=[c[2] + f"-{i}" for i, c in enumerate(CASES)])
+@pytest.mark.parametrize("call,exc,word", CASES, ids=[f"{i}-{c[2] or 'valid'}" for i, c in enumerate(CASES)])
 def test_bad_input_raises_clear_error(call, exc, word):
+    if exc is None:  # a valid call next to the invalid ones: the checks do not reject good input
+        call()
+        return
     with pytest.raises(exc, match=word):
         call()

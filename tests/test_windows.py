@@ -134,3 +134,15 @@ def test_public_names():
     for name in ["windows", "pad2d", "safe_as_strided", "check_inside", "byte_extent", "conv2d",
                  "nhwc_to_nchw", "nchw_to_nhwc", "hwio_to_oihw", "oihw_to_hwio"]:
         assert callable(getattr(convbook, name)), name
+
+
+@given(window_cases(), st.integers(0, 2))
+def test_im2col_equals_torch_unfold(case, p):
+    from convbook import im2col
+    x, kernel, stride, dilation = case
+    cols = im2col(x, kernel, stride=stride, padding=p, dilation=dilation)
+    ref = F.unfold(to_t(x.transpose(0, 3, 1, 2)), kernel, dilation=dilation, padding=p, stride=stride).numpy()
+    n, c = x.shape[0], x.shape[3]
+    # torch: (N, C*KH*KW, L) with rows ordered (c, kh, kw); ours: (N*L, KH*KW*C) ordered (kh, kw, c)
+    ref = ref.reshape(n, c, kernel[0] * kernel[1], -1).transpose(0, 3, 2, 1).reshape(cols.shape)
+    assert np.array_equal(cols, ref)
