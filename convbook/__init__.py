@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../book/00_package.ipynb #0de059dd
+# %% ../book/00_package.ipynb #f2ef1645
 __version__ = "0.1.0"
 
 from .memory import *
@@ -15,3 +15,7 @@ from .im2col import *
 from .backward import *
 from .pool import *
 from .transpose import *
+from .data import *
+from .layers import *
+from .train import *
+from .fast import *
