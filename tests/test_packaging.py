@@ -76,6 +76,8 @@ def test_wheel_contents(wheel):
     import zipfile
     names = zipfile.ZipFile(wheel).namelist()
     assert "convbook/conv.py" in names and "convbook/windows.py" in names
+    samples = [n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")]
+    assert len(samples) == 4, samples
     assert not [n for n in names if n.endswith(".ipynb") or n.startswith(("tests/", "book/"))]
 
 
