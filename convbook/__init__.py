@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../book/00_package.ipynb #f2ef1645
+# %% ../book/00_package.ipynb #43ee72cc
 __version__ = "0.1.0"
 
 from .memory import *
@@ -17,5 +17,16 @@ from .pool import *
 from .transpose import *
 from .data import *
 from .layers import *
-from .train import *
 from .fast import *
+
+# The training module is imported on first use, so that `python -m convbook.train` runs it
+# fresh (importing it here would make runpy warn that it is already in sys.modules).
+_TRAIN_NAMES = ("emnist_cnn", "Model", "load_model", "evaluate", "fit")
+
+
+def __getattr__(name):
+    if name in _TRAIN_NAMES:
+        from convbook import train
+
+        return getattr(train, name)
+    raise AttributeError(f"module 'convbook' has no attribute {name!r}")
