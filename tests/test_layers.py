@@ -1,0 +1,654 @@
+"""The layers, loss and optimizers of chapter 7b against PyTorch (autograd, torch.optim,
+F.cross_entropy) and finite differences; saving and loading chapter 7's model; deliberately
+wrong layers that the properties must catch.
+
+Tolerances (conftest.assert_close): max |ours - torch| <= 1e-10 * (1 + max |torch|) in float64
+and 2e-5 * (1 + max |torch|) in float32. ReLU, Flatten, Dropout and the max-pool outputs only
+select or move values and must agree exactly; a max-pool gradient may add a few dy values at
+one pixel in another order than PyTorch does, so it gets the tolerance.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convbook import (hwio_to_oihw, max_pool2d, max_pool2d_backward, nchw_to_nhwc, nhwc_to_nchw,
+                      oihw_to_hwio)
+from convbook.layers import (SGD, Adam, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
+                             Sequential, softmax_cross_entropy)
+from convbook.train import Model, emnist_cnn, load_model
+from conftest import LAYOUTS, assert_close, conv_cases, make_layout, to_t
+
+DTYPES = st.sampled_from([np.float64, np.float32])
+
+
+def torch_dtype(dtype):
+    return torch.float64 if np.dtype(dtype) == np.float64 else torch.float32
+
+
+def run_layer(layer, x, seed=0):
+    """Our forward and backward with a random dy: (y, dy, dx)."""
+    y = layer.forward(x)
+    dy = np.random.default_rng(seed).standard_normal(y.shape).astype(y.dtype)
+    return y, dy, layer.backward(dy)
+
+
+def autograd(fn, x, dy):
+    """(y, dx) of the torch function fn at x (a NumPy array in fn's layout) given dy."""
+    tx = to_t(x).requires_grad_()
+    ty = fn(tx)
+    ty.backward(to_t(dy))
+    return ty.detach().numpy(), tx.grad.numpy()
+
+
+class ReplayMask:
+    """Stands in for a np.random.Generator: our Dropout keeps the units where random() >= p,
+    so returning 1.0 where torch kept a unit and 0.0 elsewhere replays torch's mask."""
+
+    def __init__(self, keep):
+        self.keep = keep
+
+    def random(self, shape):
+        assert shape == self.keep.shape
+        return self.keep.astype(np.float64)
+
+
+def seeded_dropout(x, p, seed):
+    """F.dropout (training) right after torch.manual_seed(seed); the global RNG is restored."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return F.dropout(x, p, training=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv2d
+
+
+def check_conv2d(case, dtype, input_grad, cls=Conv2d):
+    kh, kw, c_in, c_out = case.w.shape
+    layer = cls(c_in, c_out, (kh, kw), **case.kwargs, input_grad=input_grad, dtype=dtype)
+    assert layer.params["w"].dtype == dtype and layer.params["w"].shape == case.w.shape
+    b = case.b if case.b is not None else np.random.default_rng(1).standard_normal(c_out)
+    layer.params["w"][...] = case.w
+    layer.params["b"][...] = b
+    y, dy, dx = run_layer(layer, case.x)
+    t = lambda a: to_t(a).requires_grad_()
+    tx, tw, tb = t(nhwc_to_nchw(case.x)), t(hwio_to_oihw(case.w)), t(b.astype(dtype))
+    if isinstance(case.padding, tuple) and isinstance(case.padding[0], tuple):
+        (top, bottom), (left, right) = case.padding
+        inp, pad = F.pad(tx, (left, right, top, bottom)), 0
+    else:
+        inp, pad = tx, case.padding
+    ty = F.conv2d(inp, tw, tb, stride=case.stride, padding=pad, dilation=case.dilation)
+    ty.backward(to_t(nhwc_to_nchw(dy)))
+    assert y.dtype == dtype
+    assert_close(y, nchw_to_nhwc(ty.detach().numpy()), dtype)
+    if input_grad:
+        assert_close(dx, nchw_to_nhwc(tx.grad.numpy()), dtype)
+    else:
+        assert dx is None
+    assert_close(layer.grads["w"], oihw_to_hwio(tw.grad.numpy()), dtype)
+    assert_close(layer.grads["b"], tb.grad.numpy(), dtype)
+
+
+@given(case=conv_cases(np.float64), input_grad=st.booleans())
+def test_conv2d_layer_float64(case, input_grad):
+    check_conv2d(case, np.float64, input_grad)
+
+
+@given(case=conv_cases(np.float32), input_grad=st.booleans())
+def test_conv2d_layer_float32(case, input_grad):
+    check_conv2d(case, np.float32, input_grad)
+
+
+def test_conv2d_he_initialisation():
+    """std sqrt(2 / fan_in) within sampling error (50k weights: relative error ~ 0.3%)."""
+    layer = Conv2d(64, 96, (3, 3), rng=np.random.default_rng(0))
+    w = layer.params["w"]
+    assert w.dtype == np.float32 and np.all(layer.params["b"] == 0)
+    assert abs(w.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.02 and abs(w.mean()) < 0.01 * w.std()
+    lin = Linear(500, 200, rng=np.random.default_rng(0))
+    assert abs(lin.params["w"].std() / np.sqrt(2 / 500) - 1) < 0.02
+
+
+# ---------------------------------------------------------------------------------------------
+# ReLU
+
+
+@st.composite
+def relu_inputs(draw):
+    """Arrays of small integers (many exact zeros) or normals, 2-D or 4-D, both dtypes."""
+    shape = draw(st.sampled_from([(3, 7), (2, 4, 5, 3), (1, 1), (5, 3, 2, 1)]))
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if draw(st.booleans()):
+        return rng.integers(-2, 3, size=shape).astype(dtype)
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def check_relu(x, cls=ReLU):
+    y, dy, dx = run_layer(cls(), x)
+    y_ref, dx_ref = autograd(torch.relu, x, dy)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype
+    assert np.array_equal(y, y_ref) and np.array_equal(dx, dx_ref)
+
+
+@given(relu_inputs())
+def test_relu_equals_torch_exactly(x):
+    check_relu(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# MaxPool2d
+
+
+@st.composite
+def pool_cases(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 8))
+    w = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 8))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = make_layout(rng, (n, h, w, c), dtype, draw(st.sampled_from(LAYOUTS)))
+    kind = draw(st.sampled_from(["random", "ties", "-inf"]))
+    if kind == "ties":
+        x = np.round(x * 2) / 2  # many ties: the first maximum must win
+    elif kind == "-inf":
+        x = np.where(rng.random(x.shape) < 0.6, -np.inf, x).astype(dtype)
+        x[0, : h // 2] = -np.inf  # whole windows of -inf next to the padding
+    padding = (ph, pw) if draw(st.booleans()) or ph != pw else ph
+    return x, (kh, kw), stride, padding
+
+
+def check_max_pool(case, cls=MaxPool2d):
+    x, kernel, stride, padding = case
+    layer = cls(kernel, stride, padding)
+    y, dy, dx = run_layer(layer, x)
+    pool = lambda tx: F.max_pool2d(tx, kernel, stride=stride, padding=padding)
+    y_ref, dx_ref = autograd(pool, nhwc_to_nchw(x), nhwc_to_nchw(dy))
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and dx.shape == x.shape
+    assert np.array_equal(y, nchw_to_nhwc(y_ref))
+    assert np.array_equal(y, max_pool2d(x, kernel, stride=stride, padding=padding))
+    assert_close(dx, nchw_to_nhwc(dx_ref), x.dtype)
+    assert_close(dx, max_pool2d_backward(dy, x, kernel, stride=stride, padding=padding), x.dtype)
+
+
+@given(pool_cases())
+def test_max_pool_layer_equals_torch_and_chapter_5b(case):
+    check_max_pool(case)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 1), (3, 1, 1), ((3, 2), 2, (1, 1)), (4, 1, 2)])
+def test_max_pool_layer_all_minus_inf(kernel, stride, padding):
+    """Every pixel -inf: each gradient goes to the first tap inside the image, never the padding."""
+    x = np.full((1, 5, 4, 2), -np.inf)
+    check_max_pool((x, kernel, stride, padding))
+
+
+def test_max_pool_layer_overlapping_windows_add_up():
+    """A pixel that is the maximum of four overlapping windows receives their four dy."""
+    x = np.zeros((1, 5, 5, 1))
+    x[0, 2, 2, 0] = 1.0
+    layer = MaxPool2d(3, stride=1)
+    layer.forward(x)
+    dx = layer.backward(np.ones((1, 3, 3, 1)))
+    assert dx[0, 2, 2, 0] == 9 and dx.sum() == 9
+
+
+# ---------------------------------------------------------------------------------------------
+# Flatten
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 1, 1, 7), (3, 2, 2, 1), (4, 6)])
+def test_flatten_is_nhwc_order(shape):
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer = Flatten()
+    y, dy, dx = run_layer(layer, x)
+    assert y.shape == (shape[0], int(np.prod(shape[1:])))
+    if x.ndim == 4:
+        flat = lambda tx: torch.flatten(tx.permute(0, 2, 3, 1), 1)
+        y_ref, dx_ref = autograd(flat, nhwc_to_nchw(x), dy)
+        assert np.array_equal(y, y_ref) and np.array_equal(dx, nchw_to_nhwc(dx_ref))
+        nchw_flat = torch.flatten(to_t(nhwc_to_nchw(x)), 1).numpy()
+        assert np.array_equal(y, nchw_flat) == (shape[3] == 1 or shape[1] * shape[2] == 1)
+    assert np.array_equal(dx, dy.reshape(shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear
+
+
+def check_linear(n, n_in, n_out, dtype, seed, cls=Linear):
+    rng = np.random.default_rng(seed)
+    layer = cls(n_in, n_out, rng=rng, dtype=dtype)
+    layer.params["b"][...] = rng.standard_normal(n_out)
+    x = rng.standard_normal((n, n_in)).astype(dtype)
+    y, dy, dx = run_layer(layer, x, seed)
+    tx, tw, tb = (to_t(a).requires_grad_() for a in (x, layer.params["w"].T, layer.params["b"]))
+    ty = F.linear(tx, tw, tb)  # PyTorch's weight is (out, in): the transpose of ours
+    ty.backward(to_t(dy))
+    assert y.dtype == dtype
+    assert_close(y, ty.detach().numpy(), dtype)
+    assert_close(dx, tx.grad.numpy(), dtype)
+    assert_close(layer.grads["w"], tw.grad.numpy().T, dtype)
+    assert_close(layer.grads["b"], tb.grad.numpy(), dtype)
+
+
+@given(st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))
+def test_linear_equals_torch(n, n_in, n_out, dtype, seed):
+    check_linear(n, n_in, n_out, dtype, seed)
+
+
+def test_linear_large_fan_in_float32():
+    check_linear(64, 3136, 128, np.float32, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+@given(st.sampled_from([(16, 30), (2, 5, 4, 3), (1, 1)]), st.sampled_from([0.1, 0.25, 0.5, 0.9]), DTYPES,
+       st.integers(0, 1000))
+def test_dropout_equals_torch_with_the_same_mask(shape, p, dtype, seed):
+    x = np.random.default_rng(seed).standard_normal(shape).astype(dtype) + 3  # no zeros
+    keep = seeded_dropout(to_t(np.ones(shape, dtype)), p, seed).numpy() != 0
+    layer = Dropout(p, rng=ReplayMask(keep))
+    y, dy, dx = run_layer(layer, x)
+    y_ref, dx_ref = autograd(lambda tx: seeded_dropout(tx, p, seed), x, dy)
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert np.array_equal(y, y_ref) and np.array_equal(dx, dx_ref)
+    assert np.array_equal(y == 0, ~keep)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2, 0.5])
+def test_dropout_statistics_and_eval_mode(p):
+    x = np.ones((1000, 1000), np.float32)
+    layer = Dropout(p, rng=np.random.default_rng(1))
+    y = layer.forward(x)
+    sd = np.sqrt(p * (1 - p) / x.size)
+    assert abs(np.mean(y == 0) - p) <= 5 * sd and abs(y.mean() - 1) <= 5 * sd / (1 - p) + 1e-6
+    assert y.dtype == np.float32
+    layer.training = False
+    assert layer.forward(x) is x and layer.backward(x) is x
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_rejects_bad_p(p):
+    with pytest.raises(ValueError, match="p must be"):
+        Dropout(p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+
+
+@given(st.integers(1, 20), st.integers(2, 50), st.sampled_from([1.0, 30.0, 1e4]), DTYPES,
+       st.integers(0, 2**32 - 1))
+def test_softmax_cross_entropy_equals_torch(n, k, scale, dtype, seed):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((n, k))).astype(dtype)
+    labels = rng.integers(0, k, size=n)
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow, no NaN
+        loss, grad = softmax_cross_entropy(logits, labels)
+    tz = to_t(logits).requires_grad_()
+    ref = F.cross_entropy(tz, torch.from_numpy(labels))
+    ref.backward()
+    assert isinstance(loss, float) and np.isfinite(loss) and grad.dtype == dtype
+    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (1 + abs(ref.item()))
+    assert_close(grad, tz.grad.numpy(), dtype)
+
+
+def test_softmax_cross_entropy_extreme_logits():
+    """+-1e4 logits: the naive formula gives inf/inf; ours gives the exact loss, no warning."""
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 1e4], [0.0, 0.0, 1e4]])
+    labels = np.array([0, 2, 0])
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        loss, grad = softmax_cross_entropy(logits, labels)
+    assert abs(loss - (0 + np.log(2) + 1e4) / 3) < 1e-9
+    expected = np.array([[0, 0, 0], [0, 0.5, -0.5], [-1, 0, 1]]) / 3
+    assert np.abs(grad - expected).max() < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizers
+
+
+@st.composite
+def optimizer_runs(draw):
+    dtype = draw(DTYPES)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    params = {"w": rng.standard_normal((3, 4)).astype(dtype), "b": rng.standard_normal(5).astype(dtype)}
+    steps = draw(st.integers(1, 15))
+    grads = [{k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2)).astype(dtype)
+              for k, v in params.items()} for _ in range(steps)]
+    if draw(st.booleans()):
+        kw = {"lr": draw(st.sampled_from([1e-3, 0.01, 0.1])), "momentum": draw(st.sampled_from([0.0, 0.5, 0.9]))}
+        return SGD, torch.optim.SGD, kw, params, grads
+    kw = {"lr": draw(st.sampled_from([1e-3, 0.01, 0.1])),
+          "betas": draw(st.sampled_from([(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)])),
+          "eps": draw(st.sampled_from([1e-8, 1e-6]))}
+    return Adam, torch.optim.Adam, kw, params, grads
+
+
+def check_optimizer(run, ours_cls=None):
+    cls, torch_cls, kw, params0, grads = run
+    ours = {k: v.copy() for k, v in params0.items()}
+    theirs = {k: to_t(v).requires_grad_() for k, v in params0.items()}
+    opt, topt = (ours_cls or cls)(ours, **kw), torch_cls(list(theirs.values()), **kw)
+    dtype = params0["w"].dtype
+    tol = 1e-12 if dtype == np.float64 else 1e-6
+    for g in grads:
+        opt.step(g)
+        for k, p in theirs.items():
+            p.grad = to_t(g[k])
+        topt.step()
+        for k, p in ours.items():
+            ref = theirs[k].detach().numpy()
+            assert p.dtype == dtype
+            assert np.abs(p - ref).max() <= tol * (1 + np.abs(ref).max()), (cls.__name__, k)
+
+
+@given(optimizer_runs())
+def test_optimizers_equal_torch_optim(run):
+    check_optimizer(run)
+
+
+def test_optimizer_updates_the_network_in_place():
+    net = Sequential(Linear(4, 3, rng=np.random.default_rng(0)))
+    w = net.layers[0].params["w"]
+    before = w.copy()
+    opt = Adam(net.parameters(), lr=0.1)
+    net.forward(np.ones((2, 4), np.float32))
+    net.backward(np.ones((2, 3), np.float32))
+    opt.step(net.gradients())
+    assert net.layers[0].params["w"] is w and np.all(np.abs(w - before) > 0.09)  # first step: lr * sign
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole networks
+
+
+def small_net(dtype, seed=0, p=0.3):
+    g = np.random.default_rng(seed)
+    return Sequential(
+        Conv2d(1, 4, 3, padding=1, input_grad=False, rng=g, dtype=dtype), ReLU(),
+        MaxPool2d(3, stride=2, padding=1),
+        Conv2d(4, 6, 3, stride=2, padding=1, rng=g, dtype=dtype), ReLU(), MaxPool2d(2),
+        Flatten(), Linear(24, 16, rng=g, dtype=dtype), ReLU(), Dropout(p), Linear(16, 5, rng=g, dtype=dtype))
+
+
+class TorchDropout(torch.nn.Module):
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        return seeded_dropout(x, self.p, self.seed)
+
+
+def torch_twin(net, x, seed=0):
+    """torch.nn.Sequential computing the same function as `net` on NCHW input, with the weights
+    copied (HWIO -> OIHW, Linear transposed, the Linear after Flatten with its rows permuted from
+    (h, w, c) to (c, h, w)); our Dropout layers replay torch's masks. Also returns, per layer,
+    a function turning the twin module's parameter gradients into ours."""
+    modules, to_ours, hwc, h = [], [], None, x
+    dt = torch_dtype(x.dtype)
+    for layer in net.layers:
+        name = type(layer).__name__
+        back = lambda m: {}
+        if name == "Conv2d":
+            c_in, c_out, kernel = layer.shape
+            m = torch.nn.Conv2d(c_in, c_out, kernel, **layer.geom, dtype=dt)
+            with torch.no_grad():
+                m.weight.copy_(to_t(hwio_to_oihw(layer.params["w"])))
+                m.bias.copy_(to_t(layer.params["b"]))
+            back = lambda m: {"w": oihw_to_hwio(m.weight.grad.numpy()), "b": m.bias.grad.numpy()}
+        elif name == "Linear":
+            w = layer.params["w"]
+            m = torch.nn.Linear(*w.shape, dtype=dt)
+            if hwc is None:
+                w_t, back = w.T, lambda m: {"w": m.weight.grad.numpy().T, "b": m.bias.grad.numpy()}
+            else:
+                hh, ww, cc = hwc
+                w_t = w.reshape(hh, ww, cc, -1).transpose(3, 2, 0, 1).reshape(-1, hh * ww * cc)
+
+                def back(m, hh=hh, ww=ww, cc=cc):
+                    g = m.weight.grad.numpy().reshape(-1, cc, hh, ww).transpose(2, 3, 1, 0)
+                    return {"w": g.reshape(hh * ww * cc, -1), "b": m.bias.grad.numpy()}
+                hwc = None
+            with torch.no_grad():
+                m.weight.copy_(to_t(w_t))
+                m.bias.copy_(to_t(layer.params["b"]))
+        elif name == "Flatten":
+            m, hwc = torch.nn.Flatten(), h.shape[1:]
+        elif name == "ReLU":
+            m = torch.nn.ReLU()
+        elif name == "MaxPool2d":
+            m = torch.nn.MaxPool2d(layer.kernel, layer.stride, layer.padding)
+        elif name == "Dropout":
+            keep = seeded_dropout(torch.ones(h.shape, dtype=dt), layer.p, seed).numpy() != 0
+            layer.rng, m = ReplayMask(keep), TorchDropout(layer.p, seed)
+        else:
+            raise TypeError(name)
+        modules.append(m)
+        to_ours.append(back)
+        h = layer.forward(h)
+    return torch.nn.Sequential(*modules), to_ours
+
+
+def check_network(net, x, labels):
+    twin, to_ours = torch_twin(net, x)
+    loss, dlogits = softmax_cross_entropy(net.forward(x), labels)
+    net.backward(dlogits)
+    ours = net.gradients()
+    t_loss = F.cross_entropy(twin(to_t(nhwc_to_nchw(x))), torch.from_numpy(labels))
+    t_loss.backward()
+    theirs = {f"{i}.{k}": v for i, (m, back) in enumerate(zip(twin, to_ours)) for k, v in back(m).items()}
+    assert sorted(ours) == sorted(theirs) == sorted(net.parameters())
+    assert abs(loss - t_loss.item()) <= (1e-10 if x.dtype == np.float64 else 2e-5) * t_loss.item()
+    for k in ours:
+        assert ours[k].dtype == x.dtype
+        assert_close(ours[k], theirs[k], x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_network_gradients_equal_torch(dtype, seed):
+    rng = np.random.default_rng(seed)
+    net = small_net(dtype, seed)
+    for layer in net.layers:
+        if "b" in layer.params:
+            layer.params["b"][...] = 0.1 * rng.standard_normal(layer.params["b"].shape)
+    check_network(net, rng.standard_normal((6, 16, 16, 1)).astype(dtype), rng.integers(0, 5, size=6))
+
+
+def test_emnist_cnn_gradients_equal_torch():
+    rng = np.random.default_rng(0)
+    net = emnist_cnn(47, seed=0)
+    check_network(net, rng.standard_normal((16, 28, 28, 1)).astype(np.float32), rng.integers(0, 47, size=16))
+
+
+def test_network_finite_differences():
+    """Independent of torch: central differences (h = 1e-6, float64) at a few parameter entries."""
+    rng = np.random.default_rng(3)
+    net = small_net(np.float64, seed=3)
+    net.layers[9].rng = ReplayMask(rng.random((6, 16)) >= 0.3)  # the same mask at every evaluation
+    x, labels = rng.standard_normal((6, 16, 16, 1)), rng.integers(0, 5, size=6)
+    _, dlogits = softmax_cross_entropy(net.forward(x), labels)
+    net.backward(dlogits)
+    grads = {k: v.copy() for k, v in net.gradients().items()}
+    for name, p in net.parameters().items():
+        for _ in range(3):
+            k = tuple(int(rng.integers(0, s)) for s in p.shape)
+            old = p[k]
+            p[k] = old + 1e-6
+            lp = softmax_cross_entropy(net.forward(x), labels)[0]
+            p[k] = old - 1e-6
+            lm = softmax_cross_entropy(net.forward(x), labels)[0]
+            p[k] = old
+            assert abs((lp - lm) / 2e-6 - grads[name][k]) <= 1e-7 * np.abs(grads[name]).max(), (name, k)
+
+
+def test_sequential_train_eval_and_parameter_names():
+    net = small_net(np.float32)
+    assert list(net.parameters()) == ["0.w", "0.b", "3.w", "3.b", "7.w", "7.b", "10.w", "10.b"]
+    assert net.parameters()["7.w"] is net.layers[7].params["w"]
+    x = np.ones((2, 16, 16, 1), np.float32)
+    assert net.eval() is net and not any(layer.training for layer in net.layers)
+    assert np.array_equal(net.forward(x), net.forward(x))  # no dropout in evaluation
+    net.train()
+    assert all(layer.training for layer in net.layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading (chapter 7's Model)
+
+
+def test_model_save_load_round_trip(tmp_path):
+    net = emnist_cnn(47, seed=5)
+    model = Model(net, 0.17, 0.33, {k: chr(65 + k % 26) for k in range(47)})
+    images = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
+    path = model.save(tmp_path / "model")  # no suffix: np.savez appends .npz
+    assert path == tmp_path / "model.npz" and path.exists()
+    loaded = load_model(path)
+    assert np.array_equal(loaded.predict(images), model.predict(images))
+    assert np.array_equal(loaded.logits(images), model.logits(images))
+    assert (loaded.mean, loaded.std, loaded.mapping) == (model.mean, model.std, model.mapping)
+    for k, v in net.parameters().items():
+        assert np.array_equal(loaded.net.parameters()[k], v) and loaded.net.parameters()[k].dtype == v.dtype
+    assert [l.config() for l in loaded.net.layers] == [l.config() for l in net.layers]
+
+
+def test_model_round_trip_with_pairs_and_explicit_padding(tmp_path):
+    """Layer configs with tuples, explicit ((top, bottom), (left, right)) padding, 'same', None."""
+    g = np.random.default_rng(0)
+    net = Sequential(
+        Conv2d(1, 3, (3, 5), stride=(1, 2), padding=((1, 1), (2, 2)), input_grad=False, rng=g), ReLU(),
+        Conv2d(3, 4, 3, padding="same", dilation=(1, 2), rng=g), ReLU(),
+        MaxPool2d((2, 3), stride=(2, 1), padding=(1, 1)), MaxPool2d(2),
+        Flatten(), Linear(7 * 7 * 4, 10, rng=g), Dropout(0.1), Linear(10, 3, rng=g))
+    model = Model(net, 0.5, 0.25, {0: "a", 1: "b", 2: "c"})
+    images = g.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
+    loaded = load_model(model.save(tmp_path / "m.npz"))
+    assert np.array_equal(loaded.logits(images), model.logits(images))
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 27), (2, 28, 28, 1), (28, 28), (3, 27, 28)])
+def test_predict_validates_the_input_shape(shape):
+    model = Model(emnist_cnn(47, seed=0), 0.17, 0.33, {k: str(k) for k in range(47)})
+    with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
+        model.predict(np.zeros(shape, np.uint8))
+
+
+def test_predict_on_an_empty_batch():
+    model = Model(emnist_cnn(47, seed=0), 0.17, 0.33, {k: str(k) for k in range(47)})
+    assert model.predict(np.zeros((0, 28, 28), np.uint8)).shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------
+# The properties catch wrong layers
+
+
+class ReLUPassingAtZero(ReLU):
+    """Wrong: passes the gradient where x == 0 (PyTorch passes 0 there)."""
+
+    def backward(self, dy):
+        return dy * (self.mask | (self.x_ == 0))
+
+    def forward(self, x):
+        self.x_ = x
+        return super().forward(x)
+
+
+class LinearWithoutTranspose(Linear):
+    """Wrong: dx = dy @ w instead of dy @ w.T (only the shapes of square layers fit)."""
+
+    def backward(self, dy):
+        super().backward(dy)
+        return dy @ self.params["w"]
+
+
+class AdamWithoutBiasCorrection(Adam):
+    """Wrong: forgets the bias correction, so the first steps are far too small."""
+
+    def step(self, grads):
+        self.t += 1
+        b1, b2 = self.betas
+        for k, p in self.params.items():
+            self.m[k] = b1 * self.m[k] + (1 - b1) * grads[k]
+            self.v[k] = b2 * self.v[k] + (1 - b2) * grads[k] ** 2
+            p -= (self.lr * self.m[k] / (np.sqrt(self.v[k]) + self.eps)).astype(p.dtype)
+
+
+def test_property_catches_relu_passing_gradient_at_zero():
+    prop = settings(max_examples=100, report_multiple_bugs=False)(given(relu_inputs())(
+        lambda x: check_relu(x, cls=ReLUPassingAtZero)))
+    with pytest.raises(AssertionError):
+        prop()
+
+
+def test_property_catches_linear_without_transpose():
+    prop = settings(max_examples=100, report_multiple_bugs=False)(given(
+        st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))(
+        lambda n, n_in, n_out, dtype, seed: check_linear(n, n_in, n_out, dtype, seed, cls=LinearWithoutTranspose)))
+    with pytest.raises((AssertionError, ValueError)):
+        prop()
+
+
+def test_linear_without_transpose_is_caught_on_square_layers():
+    """Square layers get past the shapes, so the values must catch it."""
+    with pytest.raises(AssertionError):
+        check_linear(4, 6, 6, np.float64, 0, cls=LinearWithoutTranspose)
+
+
+def test_property_catches_adam_without_bias_correction():
+    prop = settings(max_examples=100, report_multiple_bugs=False)(given(optimizer_runs())(
+        lambda run: check_optimizer(run, ours_cls=AdamWithoutBiasCorrection if run[0] is Adam else None)))
+    with pytest.raises(AssertionError):
+        prop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge cases where an earlier version differed from PyTorch
+
+
+def test_relu_of_minus_inf_is_zero():
+    with np.errstate(invalid="ignore"):
+        assert np.array_equal(ReLU().forward(np.array([-np.inf, 1.0])), [0.0, 1.0])
+
+
+def test_max_pool_layer_propagates_nan_like_torch():
+    x = np.array([1.0, np.nan, 3.0, 2.0]).reshape(1, 2, 2, 1)
+    assert np.isnan(max_pool2d(x, 2)).all()  # chapter 5b's function and torch give NaN
+    assert np.isnan(MaxPool2d(2).forward(x)).all()
+
+
+def test_nested_sequential_exposes_inner_parameters():
+    g = np.random.default_rng(0)
+    net = Sequential(Sequential(Linear(3, 4, rng=g), ReLU()), Linear(4, 2, rng=g))
+    assert len(net.parameters()) == 4
+
+
+def test_softmax_cross_entropy_rejects_negative_labels():
+    with pytest.raises((ValueError, IndexError)):
+        softmax_cross_entropy(np.zeros((2, 3)), np.array([-1, 0]))
+
+
+def test_save_load_keeps_float64(tmp_path):
+    from convbook.train import Model, load_model
+    g = np.random.default_rng(3)
+    net = Sequential(Conv2d(1, 2, 3, padding=1, rng=g, dtype=np.float64), ReLU(), Flatten(),
+                     Linear(28 * 28 * 2, 3, rng=g, dtype=np.float64))
+    model = Model(net, 0.1, 0.3, {0: "a", 1: "b", 2: "c"})
+    path = model.save(tmp_path / "m.npz")
+    back = load_model(path)
+    assert all(a.dtype == np.float64 for a in back.net.parameters().values())
+    images = g.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    assert np.array_equal(back.logits(images), model.logits(images))
