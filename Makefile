@@ -32,7 +32,7 @@ check-sync: $(STAMP)
 	@test -z "$$(git status --porcelain -- convbook)" || { git status --porcelain -- convbook; echo "nbdev-export created untracked files in convbook/."; exit 1; }
 
 nbtest: $(STAMP)
-	$(BIN)/nbdev-test book --n-workers 2
+	$(BIN)/nbdev-test book --n-workers 1
 
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
