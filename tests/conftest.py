@@ -130,6 +130,29 @@ def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11):
     return ConvCase(x, wt, b, stride, padding, dilation, layout)
 
 
+@st.composite
+def pool_cases(draw, infinities: bool = False):
+    """Random pooling problems `(x, kernel, stride, padding)` with PyTorch's rules: stride None or
+    not, padding at most half the kernel, ties (rounded values) and, if asked, -inf inputs."""
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
+    h = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 8))
+    w = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 8))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = make_layout(rng, (n, h, w, c), dtype, draw(st.sampled_from(LAYOUTS)))
+    kind = draw(st.sampled_from(["random", "ties", "-inf"] if infinities else ["random", "ties"]))
+    if kind == "ties":
+        x = np.round(x * 2) / 2  # many ties: the first maximum must win
+    elif kind == "-inf":
+        x = np.where(rng.random(x.shape) < 0.6, -np.inf, x).astype(dtype)
+        x[0, : h // 2] = -np.inf  # whole windows of -inf next to the padding
+    padding = (ph, pw) if draw(st.booleans()) or ph != pw else ph
+    return x, (kh, kw), stride, padding
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

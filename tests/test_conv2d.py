@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from convbook import conv2d, conv2d_methods, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
 from convbook.conv import conv_spec, padded

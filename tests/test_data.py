@@ -23,7 +23,6 @@ import sys
 import threading
 import tomllib
 import zipfile
-import zlib
 from fnmatch import fnmatch
 from pathlib import Path
 

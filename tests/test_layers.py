@@ -21,7 +21,7 @@ from convbook import (hwio_to_oihw, max_pool2d, max_pool2d_backward, nchw_to_nhw
 from convbook.layers import (SGD, Adam, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
                              Sequential, softmax_cross_entropy)
 from convbook.train import Model, emnist_cnn, load_model
-from conftest import LAYOUTS, assert_close, conv_cases, make_layout, to_t
+from conftest import assert_close, conv_cases, pool_cases, to_t
 
 DTYPES = st.sampled_from([np.float64, np.float32])
 
@@ -146,27 +146,6 @@ def test_relu_equals_torch_exactly(x):
 # MaxPool2d
 
 
-@st.composite
-def pool_cases(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    h = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 8))
-    w = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 8))
-    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dtype = draw(DTYPES)
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    x = make_layout(rng, (n, h, w, c), dtype, draw(st.sampled_from(LAYOUTS)))
-    kind = draw(st.sampled_from(["random", "ties", "-inf"]))
-    if kind == "ties":
-        x = np.round(x * 2) / 2  # many ties: the first maximum must win
-    elif kind == "-inf":
-        x = np.where(rng.random(x.shape) < 0.6, -np.inf, x).astype(dtype)
-        x[0, : h // 2] = -np.inf  # whole windows of -inf next to the padding
-    padding = (ph, pw) if draw(st.booleans()) or ph != pw else ph
-    return x, (kh, kw), stride, padding
-
-
 def check_max_pool(case, cls=MaxPool2d):
     x, kernel, stride, padding = case
     layer = cls(kernel, stride, padding)
@@ -180,7 +159,7 @@ def check_max_pool(case, cls=MaxPool2d):
     assert_close(dx, max_pool2d_backward(dy, x, kernel, stride=stride, padding=padding), x.dtype)
 
 
-@given(pool_cases())
+@given(pool_cases(infinities=True))
 def test_max_pool_layer_equals_torch_and_chapter_5b(case):
     check_max_pool(case)
 

@@ -5,27 +5,9 @@ import numpy as np
 import pytest
 import torch.nn.functional as F
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from convbook import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
-from conftest import LAYOUTS, assert_close, make_layout, numerical_grad, to_t
-
-
-@st.composite
-def pool_cases(draw):
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
-    h = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 8))
-    w = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 8))
-    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
-    dtype = draw(st.sampled_from([np.float64, np.float32]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    x = make_layout(rng, (n, h, w, c), dtype, draw(st.sampled_from(LAYOUTS)))
-    if draw(st.booleans()):
-        x = np.round(x * 2) / 2          # many ties: the gradient must go to the first maximum
-    padding = (ph, pw) if draw(st.booleans()) or ph != pw else ph
-    return x, (kh, kw), stride, padding, rng
+from conftest import assert_close, numerical_grad, pool_cases, to_t
 
 
 def torch_pool(kind, x, kernel, stride, padding, dy_seed):
@@ -38,7 +20,7 @@ def torch_pool(kind, x, kernel, stride, padding, dy_seed):
 
 
 def check_pool(kind, fwd, bwd, case):
-    x, kernel, stride, padding, _ = case
+    x, kernel, stride, padding = case
     y_ref, dy, dx_ref = torch_pool(kind, x, kernel, stride, padding, 0)
     y = fwd(x, kernel, stride=stride, padding=padding)
     assert y.dtype == x.dtype
