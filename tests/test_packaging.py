@@ -64,12 +64,27 @@ def test_import_does_not_pull_torch_or_matplotlib():
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def dist(tmp_path_factory) -> Path:
+    """An sdist and a wheel built from it by `python -m build` (the way a release is built)."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT)],
-                   check=True)
-    (whl,) = out.glob("convbook-*.whl")
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], check=True,
+                   capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wheel(dist) -> Path:
+    (whl,) = dist.glob("convbook-*.whl")
     return whl
+
+
+def test_sdist_contents(dist):
+    import tarfile
+    (sdist,) = dist.glob("convbook-*.tar.gz")
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for needed in ("pyproject.toml", "README.md", "LICENSE", "convbook/conv.py", "convbook/fast.py"):
+        assert needed in names, needed
+    assert len([n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")]) == 4
 
 
 def test_wheel_contents(wheel):
@@ -91,12 +106,22 @@ def test_wheel_works_with_numpy_only(wheel, tmp_path):
     assert installed == ["convbook", "numpy"], installed
     code = """
 import numpy as np, convbook
-x = np.random.default_rng(0).standard_normal((2, 9, 9, 3)).astype(np.float32)
-w = np.random.default_rng(1).standard_normal((3, 3, 3, 4)).astype(np.float32)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((2, 9, 9, 3)).astype(np.float32)
+w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
 y = convbook.conv2d(x, w, stride=2, padding=1)
 assert y.shape == (2, 5, 5, 4) and y.dtype == np.float32
-ref = convbook.conv2d(x, w, stride=2, padding=1, method="naive")
-assert np.allclose(y, ref, atol=1e-4)
+assert np.allclose(y, convbook.conv2d(x, w, stride=2, padding=1, method="naive"), atol=1e-4)
+dy = rng.standard_normal(y.shape).astype(np.float32)
+dx, dw, db = convbook.conv2d_backward(dy, x, w, stride=2, padding=1)
+rx, rw, rb = convbook.conv2d_backward(dy, x, w, stride=2, padding=1, method="naive")
+assert np.allclose(dx, rx, atol=1e-4) and np.allclose(dw, rw, atol=1e-3) and np.allclose(db, rb, atol=1e-4)
+assert convbook.conv_transpose2d(y, w, stride=2, padding=1).shape[1:3] == (9, 9)
+assert convbook.max_pool2d(x, 2).shape == (2, 4, 4, 3)
+images, labels, mapping = convbook.load_sample("test")
+assert images.shape == (2820, 28, 28) and images.dtype == np.uint8 and len(mapping) == 47
+net = convbook.emnist_cnn()
+assert net.forward(images[:2, :, :, None].astype(np.float32) / 255).shape == (2, 47)
 print(convbook.__version__)
 """
     out = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
@@ -104,3 +129,24 @@ print(convbook.__version__)
 
 
 PYPROJECT_VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "convbook" / "__init__.py").read_text()).group(1)
+
+
+def test_installed_metadata_and_entry_points(wheel, tmp_path):
+    """What `pip show` and PyPI display: summary, licence, URLs, classifiers; the console script
+    runs; the benchmark explains that it needs PyTorch instead of failing with a traceback."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    # a current pip: older ones (23.x) do not display a PEP 639 licence expression
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
+    subprocess.run([py, "-m", "pip", "install", "--quiet", "numpy", str(wheel)], check=True)
+    show = subprocess.run([py, "-m", "pip", "show", "--verbose", "convbook"], check=True, capture_output=True,
+                          text=True).stdout
+    assert "Summary: Convolutional layers built from scratch in NumPy" in show
+    assert "License-Expression: Apache-2.0" in show
+    assert "  Homepage, https://github.com/convbook/convbook\n" in show
+    assert "Classifiers:\n" in show and "  Topic :: Education\n" in show
+    help_ = subprocess.run([env_dir / "bin" / "convbook-train", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and "EMNIST" in help_.stdout
+    bench = subprocess.run([py, "-m", "convbook.bench"], capture_output=True, text=True, cwd=tmp_path)
+    assert bench.returncode == 1 and "PyTorch" in bench.stderr and "Traceback" not in bench.stderr
