@@ -76,3 +76,23 @@ def test_strip_directives_on_a_sample():
     assert cells[1]["source"] == "def f():\n    return 1\n" and tags[1] == []
     assert cells[4]["source"] == "x = 2  #| not a directive" and tags[4] == []
     assert cells[5]["source"] == "#| stays in markdown"
+
+
+INSTALL_CELL = "# Outside this repository (Colab, a bare Binder), install what this chapter needs."
+LOCAL_PATH = re.compile(r"(\.\./shared|/work/|/tmp/|/root/|_build/)")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_notebook_runs_outside_this_checkout(page):
+    """Colab and Binder open a single notebook: its first code cells install what is missing, and no
+    cell refers to a path that only exists in this checkout or on the machine that built the book."""
+    code = [c for c in load(page)["cells"] if c["cell_type"] == "code"]
+    if not code:  # a page of prose (the landing page) needs nothing
+        return
+    install = next((c for c in code[:3] if INSTALL_CELL in source(c)), None)
+    assert install is not None, f"{page}: no install cell among the first code cells"
+    assert re.match(r"\s*#\|\s*hide", source(install)), f"{page}: the install cell must be hidden"
+    assert "git+https://github.com/convbook/convbook" in source(install)
+    for cell in load(page)["cells"]:
+        m = LOCAL_PATH.search(source(cell))
+        assert not m, f"{page}: refers to a local path {m.group()!r}: {source(cell)[:120]}"
