@@ -64,7 +64,10 @@ def test_timing_helpers_measure_what_they_run():
 
 def test_run_report_on_a_tiny_suite(restore_threads):
     lines = []
+    before = torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
     report = bench.run(TINY, threads=1, repeat=2, budget=0.5, methods="all", progress=lines.append)
+    after = torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    assert after == before, "run must restore the thread counts it pinned"
     assert json.loads(json.dumps(report)) == report  # JSON-ready
     assert report["threads"]["torch"] == 1 and "1 threads" in report["threads"]["blas"]
     assert report["peak_gflops"] > 0 and report["bandwidth_gbs"] > 0
