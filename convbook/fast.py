@@ -193,7 +193,13 @@ def _backward_tiles(
     dw2 = np.zeros_like(w2)
     dx = np.zeros(spec.x_shape, spec.dtype) if col2im else None
     tile_buf, cols_buf = _buffers(spec, cap)
-    grad_buf = np.empty_like(tile_buf) if col2im else None
+    grad_buf = None
+    if col2im and c_in <= SMALL_C:  # channel-major memory, seen as NHWC, like the cols
+        grad_buf = np.empty(np.roll(tile_buf.shape, 1), spec.dtype).transpose(
+            1, 2, 3, 0
+        )
+    elif col2im:
+        grad_buf = np.empty_like(tile_buf)
     for i0, i1, r0, r1 in _tiles(spec, cap):
         cols = _im2col_tile(x, spec, i0, i1, r0, r1, tile_buf, cols_buf)
         g = dy[i0:i1, r0:r1].reshape(len(cols), c_out)
@@ -245,10 +251,10 @@ def conv2d_backward_fast(
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """`(dx, dw)` tile by tile, with at most `cap` bytes of workspace.
 
-    `dw += im2col(x).T @ dy` per tile. `dx`: for stride 1 (and more than one input
-    channel), a forward convolution of `dy` with the rotated kernel; otherwise a col2im
-    of `dy @ w.T` that adds one kernel tap at a time (strided slice additions instead
-    of `np.add.at`).
+    `dw += im2col(x).T @ dy` per tile. `dx`: for stride 1 (and more than `SMALL_C`
+    input channels), a forward convolution of `dy` with the rotated kernel; otherwise
+    a col2im of `dy @ w.T` that adds one kernel tap at a time (strided slice additions
+    instead of `np.add.at`).
     dy: `(N, H_out, W_out, C_out)`; dx like x (None unless `input_grad`), dw like w.
     """
     c_in, c_out = spec.w_shape[2:]
@@ -256,9 +262,9 @@ def conv2d_backward_fast(
         g, w2 = dy.reshape(-1, c_out), w.reshape(c_in, c_out)
         dx = (g @ w2.T).reshape(x.shape) if input_grad else None
         return dx, (x.reshape(-1, c_in).T @ g).reshape(w.shape)
-    # Measured: with one input channel the col2im additions run along whole rows and
-    # beat a convolution that has a single output channel.
-    by_conv = input_grad and spec.stride == (1, 1) and c_in > 1
+    # Measured: with few input channels the channel-major col2im additions run along
+    # whole rows and beat a convolution that has only C_in output channels.
+    by_conv = input_grad and spec.stride == (1, 1) and c_in > SMALL_C
     dx, dw2 = _backward_tiles(dy, x, w, spec, input_grad and not by_conv, cap)
     if by_conv:  # after the tiles' workspace has been freed
         dx = _input_grad_by_conv(dy, w, spec, cap)
