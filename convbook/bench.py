@@ -365,35 +365,43 @@ def run(
 
 # %% ../book/08a_bench.ipynb #3ebdae0f
 def table(report: dict) -> str:
-    """The report as aligned text: per layer PyTorch's and auto's median milliseconds,
-    their ratio, auto's GFLOP/s and share of the measured matmul peak; then, if other
-    methods were timed, every method's ratio to PyTorch."""
-    peak = report["peak_gflops"]
+    """The report as aligned text, at most 88 columns wide: the set-up; per layer,
+    forward: PyTorch's and auto's median milliseconds, their ratio, auto's GFLOP/s and
+    share of the measured matmul peak; forward+backward: the same times and ratio; the
+    summary; then, if other methods were timed, every method's ratio to PyTorch."""
+    peak, name = report["peak_gflops"], lambda r: r["layer"]["name"][:28]
     lines = [
-        f"threads: PyTorch {report['threads']['torch']}, NumPy BLAS "
-        f"{report['threads']['blas']}; allocator: {report['allocator']}",
-        f"float32, medians of up to {report['repeat']} runs; measured NumPy matmul "
-        f"peak {peak:.0f} GFLOP/s, copy {report['bandwidth_gbs']:.0f} GB/s",
+        f"threads: PyTorch {report['threads']['torch']}, "
+        f"NumPy BLAS {report['threads']['blas']}",
+        f"allocator: {report['allocator']}",
+        f"float32, medians of up to {report['repeat']} runs; NumPy matmul peak "
+        f"{peak:.0f} GFLOP/s, copy {report['bandwidth_gbs']:.0f} GB/s",
         "",
-        f"{'layer':30s} {'PyTorch ms':>10s} {'auto ms':>8s} {'ratio':>6s} "
-        f"{'GFLOP/s':>8s} {'% peak':>7s} | {'fwd+bwd PyTorch':>15s} {'auto':>8s} "
-        f"{'ratio':>6s}",
+        f"{'forward':28s} {'PyTorch ms':>10s} {'auto ms':>9s} {'ratio':>6s} "
+        f"{'GFLOP/s':>8s} {'% peak':>7s}",
     ]
     for r in report["layers"]:
         t, a = r["torch_forward"], r["forward"]["auto"]
-        tb, ab = r["torch_fwdbwd"], r["fwdbwd"]["auto"]
         gf = r["flops"] / a / 1e9
         lines.append(
-            f"{r['layer']['name']:30s} {t * 1e3:10.2f} {a * 1e3:8.2f} {a / t:6.2f} "
-            f"{gf:8.1f} {100 * gf / peak:6.1f}% | {tb * 1e3:15.2f} {ab * 1e3:8.2f} "
-            f"{ab / tb:6.2f}"
+            f"{name(r):28s} {t * 1e3:10.2f} {a * 1e3:9.2f} {a / t:6.2f} "
+            f"{gf:8.1f} {100 * gf / peak:6.1f}%"
         )
+    lines += [
+        "",
+        f"{'forward+backward':28s} {'PyTorch ms':>10s} {'auto ms':>9s} {'ratio':>6s}",
+    ]
+    for r in report["layers"]:
+        t, a = r["torch_fwdbwd"], r["fwdbwd"]["auto"]
+        lines.append(f"{name(r):28s} {t * 1e3:10.2f} {a * 1e3:9.2f} {a / t:6.2f}")
     s = report["summary"]
-    lines.append(
+    lines += [
+        "",
         f"geometric mean of auto/PyTorch: forward {s['forward_geomean']:.2f}x, "
-        f"forward+backward {s['fwdbwd_geomean']:.2f}x; worst layer "
-        f"{s['forward_worst']:.2f}x and {s['fwdbwd_worst']:.2f}x"
-    )
+        f"forward+backward {s['fwdbwd_geomean']:.2f}x",
+        f"worst layer: forward {s['forward_worst']:.2f}x, "
+        f"forward+backward {s['fwdbwd_worst']:.2f}x",
+    ]
     for kind, key, ref in [
         ("forward", "forward", "torch_forward"),
         ("forward+backward", "fwdbwd", "torch_fwdbwd"),
@@ -402,10 +410,11 @@ def table(report: dict) -> str:
         if not names:
             continue
         lines += ["", f"{kind}: time / PyTorch's time, per method"]
-        lines.append(f"{'layer':30s} " + " ".join(f"{m:>12s}" for m in names))
+        width = {m: max(len(m), 5) + 2 for m in names}
+        lines.append(f"{'layer':28s}" + "".join(f"{m:>{width[m]}s}" for m in names))
         for r in report["layers"]:
-            cells = " ".join(f"{r[key][m] / r[ref]:12.2f}" for m in names)
-            lines.append(f"{r['layer']['name']:30s} {cells}")
+            cells = "".join(f"{r[key][m] / r[ref]:{width[m]}.2f}" for m in names)
+            lines.append(f"{name(r):28s}{cells}")
     return "\n".join(lines)
 
 # %% ../book/08a_bench.ipynb #128ed334
