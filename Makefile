@@ -24,6 +24,7 @@ export: $(STAMP)
 
 book: export
 	$(BIN)/jupyter-book build . -W -n --keep-going
+	touch _build/html/.convbook-built
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 
 # The notebooks are the source of truth: cleaning and exporting them must not change anything tracked.

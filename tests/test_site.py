@@ -8,7 +8,8 @@ solutions folded until opened. Also: the search page finds chapter words, and ev
 and anchor of the site resolves. A screenshot of every page is saved under `_build/screenshots/`.
 
 The site is built first (`jupyter-book build . -W -n --keep-going`, executing every chapter) unless
-`_build/html` is newer than every source; `make test` builds it before running pytest.
+a successful build (`make book`, which `make test` runs first) left its stamp after the last change
+to a source.
 """
 from __future__ import annotations
 
@@ -57,12 +58,13 @@ def _sources() -> list[Path]:
     return files + [ROOT / f"{p}.ipynb" for p in PAGES]
 
 
+STAMP = HTML / ".convbook-built"  # touched by `make book` and below after a successful build
+
+
 def _site_is_fresh() -> bool:
-    built = [HTML / f"{p}.html" for p in PAGES]
-    if not all(f.exists() for f in built):
+    if not STAMP.exists() or not all((HTML / f"{p}.html").exists() for p in PAGES):
         return False
-    oldest = min(f.stat().st_mtime for f in built)
-    return all(src.stat().st_mtime <= oldest for src in _sources())
+    return all(src.stat().st_mtime <= STAMP.stat().st_mtime for src in _sources())
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,7 @@ def site() -> Path:
     if not _site_is_fresh():
         jb = Path(sys.executable).with_name("jupyter-book")
         subprocess.run([str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT, check=True)
+        STAMP.touch()
     assert _site_is_fresh(), "the book build did not produce every page of _toc.yml"
     return HTML
 
