@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -151,6 +152,57 @@ def pool_cases(draw, infinities: bool = False):
         x[0, : h // 2] = -np.inf  # whole windows of -inf next to the padding
     padding = (ph, pw) if draw(st.booleans()) or ph != pw else ph
     return x, (kh, kw), stride, padding
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real EMNIST files. A few tests read the official files (checksums, orientation, the sample's
+# provenance). They find them the way the package does, in an explicit folder: `--emnist-data DIR`, else
+# `$CONVBOOK_DATA`. Where the files are absent those tests are skipped with a reason that says how to get
+# them; `--require-emnist` (what CI passes) turns the absence into a failure, so CI runs every one.
+
+EMNIST_FILES = (
+    "emnist-bymerge-test-images-idx3-ubyte.gz", "emnist-bymerge-test-labels-idx1-ubyte.gz",
+    "emnist-mnist-test-images-idx3-ubyte.gz", "emnist-mnist-test-labels-idx1-ubyte.gz",
+    "emnist-balanced-test-labels-idx1-ubyte.gz", "emnist-letters-test-labels-idx1-ubyte.gz",
+)
+EMNIST_HOWTO = (
+    "download the official archive https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip, unzip it, and "
+    "run pytest with --emnist-data DIR (or set $CONVBOOK_DATA=DIR), DIR holding the gzip/ files"
+)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("convbook")
+    group.addoption("--emnist-data", metavar="DIR", default=None,
+                    help="folder with the official EMNIST files (default: $CONVBOOK_DATA)")
+    group.addoption("--require-emnist", action="store_true", default=False,
+                    help="fail, instead of skipping, the tests that need the official EMNIST files "
+                         "when they are not found (CI sets this)")
+
+
+def _emnist_folder(config) -> tuple[Path | None, str]:
+    """The folder with every file in EMNIST_FILES (flat or under gzip/), or None and why not."""
+    given = config.getoption("--emnist-data") or os.environ.get("CONVBOOK_DATA")
+    if not given:
+        return None, "no folder given (--emnist-data or $CONVBOOK_DATA)"
+    folder = Path(given).expanduser().resolve()
+    for candidate in (folder, folder / "gzip"):
+        if all((candidate / name).is_file() for name in EMNIST_FILES):
+            return candidate, ""
+    missing = [n for n in EMNIST_FILES if not (folder / n).is_file() and not (folder / "gzip" / n).is_file()]
+    return None, f"{folder} lacks {', '.join(missing)}"
+
+
+@pytest.fixture(scope="session")
+def emnist_dir(request) -> Path:
+    """The folder of official EMNIST files; skipped (or, with --require-emnist, failed) when absent."""
+    folder, why = _emnist_folder(request.config)
+    if folder is None:
+        message = f"needs the official EMNIST files: {why}; to run it, {EMNIST_HOWTO}"
+        if request.config.getoption("--require-emnist"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return folder
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """The EMNIST data layer of chapter 7a: the IDX reader and its failures, mapping files, `load_emnist` on
 the real EMNIST files, the download path against a local HTTP server, and the shipped sample.
 
-The real files are in ../shared/data/emnist beside the repository (developers and CI have them). Tests
-that need them fail, rather than skip, when the folder is absent. References are independent of the
-package: IDX is parsed and written here with `gzip`, `bz2` and `struct`, hashes come from `hashlib`.
+Tests that need the official files take the `emnist_dir` fixture (conftest.py): they are skipped with a
+reason where the files are absent, and CI (`--require-emnist`) makes their absence a failure.
+References are independent of the package: IDX is parsed and written here with `gzip`, `bz2` and `struct`, hashes come from `hashlib`.
 """
 from __future__ import annotations
 
@@ -35,19 +35,14 @@ from convbook.data import (MAPPINGS, SAMPLE_DIR, SAMPLE_SHA256, SHA256, SPLITS, 
                            load_emnist, load_sample, read_idx, read_mapping, sha256)
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emnist"
 MNIST_TEST = ("emnist-mnist-test-images-idx3-ubyte.gz", "emnist-mnist-test-labels-idx1-ubyte.gz")
 BYMERGE_TEST = ("emnist-bymerge-test-images-idx3-ubyte.gz", "emnist-bymerge-test-labels-idx1-ubyte.gz")
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    """The folder of real EMNIST files; its absence is a failure (CI always has it), never a skip."""
-    if not (SHARED / BYMERGE_TEST[0]).is_file():
-        pytest.fail(f"the real EMNIST files are missing: expected {SHARED} (../shared/data/emnist beside "
-                    "the repository, with the official emnist-*-test-*.gz files); developers and CI have "
-                    "this folder", pytrace=False)
-    return SHARED
+def shared(emnist_dir) -> Path:
+    """The folder of real EMNIST files (conftest's `emnist_dir`: skipped where absent, required in CI)."""
+    return emnist_dir
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,18 +30,16 @@ from convbook.train import (
     split_holdout,
 )
 
-# The project's real EMNIST files (see its README): a stand-in for a user's download folder.
-SHARED_EMNIST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "emnist"
 PACKAGE_ROOT = Path(convbook.__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name(
     "convbook-train.exe" if os.name == "nt" else "convbook-train"
 )
 
 
-def shared_emnist() -> Path:
-    """The shared EMNIST folder; its absence is a failure, not a reason to skip."""
-    assert SHARED_EMNIST.is_dir(), f"the project's EMNIST folder is missing: {SHARED_EMNIST}"
-    return SHARED_EMNIST
+@pytest.fixture
+def shared_emnist(emnist_dir) -> Path:
+    """The official EMNIST files (conftest's `emnist_dir`: skipped where absent, required in CI)."""
+    return emnist_dir
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +157,8 @@ def test_load_training_data_rejects_unknown_split():
         load_training_data("bymerg")
 
 
-def test_load_training_data_from_test_file_splits_the_real_test_file():
-    folder = shared_emnist()
+def test_load_training_data_from_test_file_splits_the_real_test_file(shared_emnist):
+    folder = shared_emnist
     xtr, ytr, xte, yte, mapping, description = load_training_data(
         "bymerge", folder, from_test_file=True, download=False
     )
@@ -176,9 +174,9 @@ def test_load_training_data_from_test_file_splits_the_real_test_file():
     assert np.array_equal(ytr, labels[train]) and np.array_equal(yte, labels[held])
 
 
-def test_cli_seed_never_changes_the_held_out_split(monkeypatch, tmp_path, capsys):
+def test_cli_seed_never_changes_the_held_out_split(monkeypatch, tmp_path, capsys, shared_emnist):
     """`--from-test-file` with two training seeds: same training and held-out images."""
-    folder = shared_emnist()
+    folder = shared_emnist
     seen = []
 
     def fake_fit(model, images, labels, *, test, seed, **kwargs):  # records, does not train
@@ -303,8 +301,8 @@ def test_cli_reports_missing_files(launcher, tmp_path):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_cli_reports_a_corrupt_file(launcher, tmp_path):
-    src = shared_emnist()
+def test_cli_reports_a_corrupt_file(launcher, tmp_path, shared_emnist):
+    src = shared_emnist
     data = tmp_path / "emnist"
     data.mkdir()
     for kind in ("images-idx3", "labels-idx1"):
