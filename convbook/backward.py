@@ -9,7 +9,13 @@ from typing import Callable
 
 import numpy as np
 
-from .conv import ConvSpec, conv_spec, padded, resolve_padding
+from convbook.conv import (
+    ConvSpec,
+    MethodRegistry,
+    conv_spec,
+    padded,
+    resolve_padding,
+)
 from .im2col import im2col, im2col_indices
 from .windows import IntPair, as_pair, check_array
 
@@ -18,25 +24,23 @@ __all__ = ['CONV2D_BACKWARD_METHODS', 'register_conv2d_backward', 'conv2d_backwa
            'conv2d_backward_naive', 'check_shape', 'col2im', 'conv2d_backward_col2im']
 
 # %% ../book/05_backward.ipynb #b0d254ea
-# name -> (function(dy, x, w, spec, input_grad) -> (dx, dw), priority for method="auto")
-CONV2D_BACKWARD_METHODS: dict[str, tuple[Callable, int]] = {}
+# name -> function(dy, x, w, spec, input_grad) -> (dx, dw), with a priority for "auto"
+CONV2D_BACKWARD_METHODS = MethodRegistry("conv2d_backward")
 
 # %% ../book/05_backward.ipynb #e99fdc57
-def register_conv2d_backward(name: str, priority: int = 0):
+def register_conv2d_backward(
+    name: str, priority: int = 0, applies: Callable | None = None
+):
     """Decorator: make `fn(dy, x, w, spec, input_grad) -> (dx, dw)` available as
-    `conv2d_backward(..., method=name)`; `dx` is None when `input_grad` is false."""
-
-    def deco(fn):
-        CONV2D_BACKWARD_METHODS[name] = (fn, priority)
-        return fn
-
-    return deco
+    `conv2d_backward(..., method=name)`; `dx` is None when `input_grad` is false.
+    `"auto"` picks the highest priority among methods whose `applies(spec)` holds."""
+    return CONV2D_BACKWARD_METHODS.register(name, priority, applies)
 
 # %% ../book/05_backward.ipynb #4f0f1e60
 def conv2d_backward_methods() -> list[str]:
     """The names accepted by `conv2d_backward(..., method=...)` besides `"auto"`, best
     first."""
-    return sorted(CONV2D_BACKWARD_METHODS, key=lambda k: -CONV2D_BACKWARD_METHODS[k][1])
+    return CONV2D_BACKWARD_METHODS.names()
 
 # %% ../book/05_backward.ipynb #0b3f701c
 def conv2d_backward(
@@ -58,12 +62,7 @@ def conv2d_backward(
     floating dtype. method: `"auto"` or one of `conv2d_backward_methods()`.
     `input_grad=False` skips `dx` and returns None in its place.
     """
-    if not isinstance(method, str) or (
-        method != "auto" and method not in CONV2D_BACKWARD_METHODS
-    ):
-        raise ValueError(
-            f"method must be 'auto' or one of {conv2d_backward_methods()}, got {method!r}"
-        )
+    CONV2D_BACKWARD_METHODS.check(method)
     x, w, _, spec = conv_spec(
         x, w, None, stride=stride, padding=padding, dilation=dilation
     )
@@ -79,9 +78,7 @@ def conv2d_backward(
             spec.x_shape, spec.w_shape, spec.stride, spec.padding, spec.dilation, dtype
         )
     dy = dy.astype(dtype, copy=False)
-    fn = CONV2D_BACKWARD_METHODS[
-        conv2d_backward_methods()[0] if method == "auto" else method
-    ][0]
+    fn = CONV2D_BACKWARD_METHODS.resolve(method, spec)
     dx, dw = fn(dy, x, w, spec, bool(input_grad))
     return dx, dw, dy.sum(axis=(0, 1, 2))
 

@@ -13,8 +13,9 @@ import numpy as np
 from .windows import as_pair, as_padding, check_array, out_size, pad2d, windows
 
 # %% auto #0
-__all__ = ['CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'conv_spec', 'padded', 'register_conv2d', 'conv2d_methods', 'conv2d',
-           'conv2d_naive', 'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
+__all__ = ['CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'conv_spec', 'padded', 'MethodRegistry', 'register_conv2d',
+           'conv2d_methods', 'conv2d', 'conv2d_naive', 'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw',
+           'oihw_to_hwio']
 
 # %% ../book/03_einsum.ipynb #c9d6181c
 @dataclass(frozen=True)
@@ -122,26 +123,77 @@ def padded(x: np.ndarray, spec: ConvSpec) -> np.ndarray:
     return x if spec.padding == ((0, 0), (0, 0)) else pad2d(x, spec.padding)
 
 # %% ../book/03_einsum.ipynb #34d81c98
-CONV2D_METHODS: dict[str, tuple[Callable, int]] = {}
+class MethodRegistry:
+    """Named implementations of one operation, each with a priority and an optional
+    test `applies(spec) -> bool` of the problems `"auto"` may give it.
+
+    `names()` lists them best first; `resolve(method, spec)` returns the function for
+    an explicit name, or for `"auto"` the highest-priority method that applies.
+    """
+
+    def __init__(self, operation: str):
+        self.operation = operation
+        self._methods: dict[str, tuple[Callable, int, Optional[Callable]]] = {}
+
+    def register(self, name: str, priority: int = 0, applies: Optional[Callable] = None):
+        """Decorator: register `fn` as method `name`."""
+
+        def deco(fn):
+            self._methods[name] = (fn, priority, applies)
+            return fn
+
+        return deco
+
+    def names(self) -> list[str]:
+        """The registered names, highest priority first."""
+        return sorted(self._methods, key=lambda k: -self._methods[k][1])
+
+    def check(self, method) -> str:
+        """`method` if it is `"auto"` or a registered name, else a `ValueError`."""
+        if not isinstance(method, str) or (
+            method != "auto" and method not in self._methods
+        ):
+            raise ValueError(
+                f"method must be 'auto' or one of {self.names()}, got {method!r}"
+            )
+        return method
+
+    def choose(self, spec) -> str:
+        """The method `"auto"` uses for `spec`: the best one whose `applies` accepts it."""
+        for name in self.names():
+            applies = self._methods[name][2]
+            if applies is None or applies(spec):
+                return name
+        raise ValueError(f"no {self.operation} method applies to {spec}")
+
+    def resolve(self, method, spec) -> Callable:
+        """The function for `method` (checked) on problem `spec`."""
+        name = self.check(method)
+        return self._methods[self.choose(spec) if name == "auto" else name][0]
+
+    def __contains__(self, name) -> bool:
+        return name in self._methods
+
+    def __delitem__(self, name: str) -> None:
+        del self._methods[name]
 
 
-def register_conv2d(name: str, priority: int = 0):
+CONV2D_METHODS = MethodRegistry("conv2d")
+
+
+def register_conv2d(name: str, priority: int = 0, applies: Optional[Callable] = None):
     """Decorator: make `fn(x, w, spec) -> y` (no bias) available as `conv2d(...,
     method=name)`.
 
-    `method="auto"` uses the registered method with the highest `priority`.
+    `method="auto"` uses the registered method with the highest `priority` among those
+    whose `applies(spec)` is true (a method without `applies` takes any problem).
     """
-
-    def deco(fn):
-        CONV2D_METHODS[name] = (fn, priority)
-        return fn
-
-    return deco
+    return CONV2D_METHODS.register(name, priority, applies)
 
 
 def conv2d_methods() -> list[str]:
     """The names accepted by `conv2d(..., method=...)` besides `"auto"`, best first."""
-    return sorted(CONV2D_METHODS, key=lambda k: -CONV2D_METHODS[k][1])
+    return CONV2D_METHODS.names()
 
 
 def conv2d(
@@ -157,17 +209,11 @@ def conv2d(
     inputs' floating dtype (float32 stays float32; integer inputs give float64). method:
     `"auto"` (the best available) or one of `conv2d_methods()`.
     """
-    if not isinstance(method, str) or (
-        method != "auto" and method not in CONV2D_METHODS
-    ):
-        raise ValueError(
-            f"method must be 'auto' or one of {conv2d_methods()}, got {method!r}"
-        )
+    CONV2D_METHODS.check(method)
     x, w, b, spec = conv_spec(
         x, w, b, stride=stride, padding=padding, dilation=dilation
     )
-    fn = CONV2D_METHODS[conv2d_methods()[0] if method == "auto" else method][0]
-    y = fn(x, w, spec)
+    y = CONV2D_METHODS.resolve(method, spec)(x, w, spec)
     if b is not None:
         y += b
     return y
