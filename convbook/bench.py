@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -21,7 +22,8 @@ from .backward import conv2d_backward, conv2d_backward_methods
 from .conv import conv2d, conv2d_methods
 
 # %% auto #0
-__all__ = ['SUITE', 'Layer', 'steady_allocator', 'matmul_peak', 'memory_bandwidth', 'plot', 'run', 'table', 'main']
+__all__ = ['SUITE', 'Layer', 'steady_allocator', 'pinned_threads', 'interleaved_medians', 'matmul_peak', 'memory_bandwidth',
+           'plot', 'run', 'table', 'main']
 
 # %% ../book/08a_bench.ipynb #2033df0e
 @dataclass(frozen=True)
@@ -115,13 +117,17 @@ def steady_allocator() -> str:
     return "glibc mallopt: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB"
 
 # %% ../book/08a_bench.ipynb #d8dba5d2
-def _set_threads(threads: int) -> tuple[int, str, Callable[[], None]]:
-    """Pin PyTorch's and NumPy's BLAS thread counts; return torch's count, a note on
-    BLAS, and a function that restores the counts found before."""
-    import torch
-
-    torch_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+def _set_threads(threads: int) -> tuple[int | None, str, Callable[[], None]]:
+    """Pin PyTorch's (if installed) and NumPy's BLAS thread counts; return torch's
+    count (None without torch), a note on BLAS, and a function that restores the
+    counts found before."""
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    torch_before = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(threads)
     limits = None
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
@@ -137,11 +143,25 @@ def _set_threads(threads: int) -> tuple[int, str, Callable[[], None]]:
         note = "unknown (install threadpoolctl to pin and report BLAS threads)"
 
     def restore() -> None:
-        torch.set_num_threads(torch_before)
+        if torch:
+            torch.set_num_threads(torch_before)
         if limits is not None:
             limits.restore_original_limits()
 
-    return torch.get_num_threads(), note, restore
+    return (torch.get_num_threads() if torch else None), note, restore
+
+# %% ../book/08a_bench.ipynb #2d5d7667
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[str]:
+    """Inside the block, NumPy's BLAS and PyTorch (if installed) use `threads` threads;
+    both are restored after it. Yields a note on the BLAS libraries pinned."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int >= 1, got {threads!r}")
+    _, note, restore = _set_threads(threads)
+    try:
+        yield note
+    finally:
+        restore()
 
 # %% ../book/08a_bench.ipynb #d37fcaea
 def _interleaved(fns: dict, repeat: int, budget: float, rounds: int = 2) -> dict:
@@ -173,6 +193,34 @@ def _interleaved(fns: dict, repeat: int, budget: float, rounds: int = 2) -> dict
         if time.perf_counter() - t_start > budget:
             break
     return {k: float(np.median(v)) for k, v in times.items()}
+
+# %% ../book/08a_bench.ipynb #d0f48fcb
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeat: int = 6,
+    rounds: int = 3,
+    budget: float = 10.0,
+    threads: int | None = 1,
+) -> dict[str, float]:
+    """Median seconds of each callable in `fns`, timed by the protocol above: `rounds`
+    interleaved blocks (`a a b b a a b b ...`), each a pause, one untimed call and
+    about `repeat / rounds` timed calls, stopping after `budget` seconds.
+
+    `threads` pins NumPy's BLAS and PyTorch for the measurement (`None`: leave them).
+    Returns `{name: seconds}` in the order of `fns`.
+    """
+    if not fns:
+        raise ValueError("fns must name at least one callable")
+    if repeat < 1 or rounds < 1 or not budget > 0:
+        raise ValueError(
+            f"need repeat >= 1, rounds >= 1 and budget > 0, got {repeat}, {rounds}, "
+            f"{budget}"
+        )
+    if threads is None:
+        return _interleaved(fns, repeat, budget, rounds)
+    with pinned_threads(threads):
+        return _interleaved(fns, repeat, budget, rounds)
 
 # %% ../book/08a_bench.ipynb #c0b54f55
 def matmul_peak(size: int = 2048, repeat: int = 5) -> float:
