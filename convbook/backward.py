@@ -20,8 +20,8 @@ from .im2col import im2col, im2col_indices
 from .windows import IntPair, as_pair, check_array
 
 # %% auto #0
-__all__ = ['CONV2D_BACKWARD_METHODS', 'register_conv2d_backward', 'conv2d_backward_methods', 'conv2d_backward', 'unpad',
-           'conv2d_backward_naive', 'check_shape', 'col2im', 'conv2d_backward_col2im']
+__all__ = ['CONV2D_BACKWARD_METHODS', 'register_conv2d_backward', 'conv2d_backward_methods', 'bias_grad', 'conv2d_backward',
+           'unpad', 'conv2d_backward_naive', 'check_shape', 'col2im', 'conv2d_backward_col2im']
 
 # %% ../book/05_backward.ipynb #b0d254ea
 # name -> function(dy, x, w, spec, input_grad) -> (dx, dw), with a priority for "auto"
@@ -43,6 +43,19 @@ def conv2d_backward_methods() -> list[str]:
     return CONV2D_BACKWARD_METHODS.names()
 
 # %% ../book/05_backward.ipynb #0b3f701c
+def bias_grad(dy: np.ndarray) -> np.ndarray:
+    """`db = dy.sum(axis=(0, 1, 2))`: dy `(N, H_out, W_out, C_out)` -> `(C_out,)`.
+
+    For a contiguous `dy` the sum is a matrix-vector product `ones @ dy` as
+    `(N*H_out*W_out, C_out)`, which BLAS does several times faster than NumPy's
+    reduction over three axes.
+    """
+    if dy.flags.c_contiguous and dy.size and np.issubdtype(dy.dtype, np.floating):
+        rows = dy.reshape(-1, dy.shape[-1])
+        return np.ones(rows.shape[0], dy.dtype) @ rows
+    return dy.sum(axis=(0, 1, 2))
+
+
 def conv2d_backward(
     dy,
     x,
@@ -80,7 +93,7 @@ def conv2d_backward(
     dy = dy.astype(dtype, copy=False)
     fn = CONV2D_BACKWARD_METHODS.resolve(method, spec)
     dx, dw = fn(dy, x, w, spec, bool(input_grad))
-    return dx, dw, dy.sum(axis=(0, 1, 2))
+    return dx, dw, bias_grad(dy)
 
 # %% ../book/05_backward.ipynb #49282a20
 def unpad(xp: np.ndarray, spec: ConvSpec) -> np.ndarray:
