@@ -1,15 +1,21 @@
 # Two commands on a fresh machine:
 #   make book   -> installs what it needs, exports the package, executes every chapter, renders _build/html
 #   make test   -> installs what it needs (Python packages, Debian's Chromium), checks notebooks and package
-#                  agree, builds the book (executing every chapter: their checks are the notebook tests),
-#                  then runs pytest, which includes the browser tests of the built site
+#                  agree, runs every chapter's quick checks with nbdev-test, builds the book (executing
+#                  every cell, the slow ones included), then runs pytest, browser tests of the site included
+#
+# One chapter's checks:   .venv/bin/nbdev-test book/05_backward.ipynb                  (quick cells)
+#                         .venv/bin/nbdev-test book/07_emnist.ipynb --flags slow       (every cell)
+# All chapters:           make nbtest        (quick)      make nbtest-all   (every cell, no rendering)
+# Tests that read the official EMNIST files run when pytest is given the folder
+# (PYTEST_ADDOPTS="--emnist-data DIR", or $CONVBOOK_DATA); elsewhere they are skipped with a reason.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test venv export check-sync nbtest pytest chromium clean
+.PHONY: book test venv export check-sync nbtest nbtest-all pytest chromium clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,9 +40,14 @@ check-sync: $(STAMP)
 	git diff --exit-code -- book convbook || { echo "Notebooks and package disagree: run nbdev-clean and nbdev-export, then commit."; exit 1; }
 	@test -z "$$(git status --porcelain -- convbook)" || { git status --porcelain -- convbook; echo "nbdev-export created untracked files in convbook/."; exit 1; }
 
-# The chapters as tests without rendering (the book build runs the same cells, in a kernel per chapter).
+# The chapters as tests without rendering, as nbdev projects run them in CI. Cells flagged `#| slow`
+# (training, full benchmarks) are left out here; the book build executes them, so `make test` runs
+# every cell once either way. `make nbtest-all` runs them all with nbdev-test.
 nbtest: $(STAMP)
-	$(BIN)/nbdev-test book --n-workers 1
+	$(BIN)/nbdev-test book --n-workers 2 --timing
+
+nbtest-all: $(STAMP)
+	$(BIN)/nbdev-test book --n-workers 1 --flags slow --timing
 
 # The site tests drive Debian's Chromium with playwright (playwright cannot download browsers here).
 chromium:
@@ -48,7 +59,7 @@ chromium:
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
-test: check-sync book chromium pytest
+test: check-sync nbtest book chromium pytest
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache .hypothesis
