@@ -9,15 +9,9 @@ from typing import Callable
 
 import numpy as np
 
-from convbook.conv import (
-    ConvSpec,
-    MethodRegistry,
-    conv_spec,
-    padded,
-    resolve_padding,
-)
+from .conv import ConvSpec, MethodRegistry, conv_spec, padded, resolve_padding
 from .im2col import im2col, im2col_indices
-from .windows import IntPair, as_pair, check_array
+from .windows import IntPair, as_pair, check_array, out_size
 
 # %% auto #0
 __all__ = ['CONV2D_BACKWARD_METHODS', 'register_conv2d_backward', 'conv2d_backward_methods', 'bias_grad', 'conv2d_backward',
@@ -180,17 +174,19 @@ def col2im(
         as_pair(dilation, "dilation"),
     )
     (pt, pb), (pl, pr) = resolve_padding(padding, kernel, stride, dilation)
-    rows, cidx = im2col_indices(
-        h + pt + pb, w + pl + pr, kernel, stride=stride, dilation=dilation
-    )
-    n_out, n_taps = rows.shape  # (H_out*W_out, KH*KW)
-    if cols.shape != (n * n_out, n_taps * c):
+    hp, wp = h + pt + pb, w + pl + pr
+    ho = out_size(hp, kernel[0], stride[0], 0, dilation[0])
+    wo = out_size(wp, kernel[1], stride[1], 0, dilation[1])
+    expected = (n * max(ho, 0) * max(wo, 0), kernel[0] * kernel[1] * c)
+    if cols.shape != expected:  # checked before anything is allocated
         raise ValueError(
-            f"cols must have shape (N*H_out*W_out, KH*KW*C) = {(n * n_out, n_taps * c)} "
+            f"cols must have shape (N*H_out*W_out, KH*KW*C) = {expected} "
             f"for x_shape {x_shape} and this geometry, got {cols.shape}"
         )
+    rows, cidx = im2col_indices(hp, wp, kernel, stride=stride, dilation=dilation)
+    n_out, n_taps = rows.shape  # (H_out*W_out, KH*KW)
     dtype = cols.dtype if np.issubdtype(cols.dtype, np.floating) else np.float64
-    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), dtype=dtype)
+    xp = np.zeros((n, hp, wp, c), dtype=dtype)
     # xp[:, rows, cidx, :] has shape (N, H_out*W_out, KH*KW, C); np.add.at adds repeated
     # indices
     np.add.at(xp, (slice(None), rows, cidx), cols.reshape(n, n_out, n_taps, c))

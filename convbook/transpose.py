@@ -136,6 +136,9 @@ def conv2d_backward_dilate(
 ):
     """Both gradients as convolutions: `dx` via dilation, padding and the 180-degree
     rotation, `dw` via the dilated `dy`."""
+    if spec.x_shape[0] == 0:  # an empty batch: nothing flows back
+        dx = np.zeros(spec.x_shape, spec.dtype) if input_grad else None
+        return dx, np.zeros(spec.w_shape, spec.dtype)
     dx = None
     if input_grad:
         dx = conv_input_grad(

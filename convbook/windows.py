@@ -15,15 +15,21 @@ from .memory import byte_extent
 IntPair = Union[int, tuple[int, int]]
 
 # %% auto #0
-__all__ = ['IntPair', 'as_pair', 'check_array', 'out_size', 'check_inside', 'safe_as_strided', 'windows', 'as_padding', 'pad2d']
+__all__ = ['IntPair', 'MAX_INT', 'as_pair', 'check_array', 'out_size', 'check_inside', 'safe_as_strided', 'windows', 'as_padding',
+           'pad2d']
 
 # %% ../book/02_windows.ipynb #0a022bfb
+MAX_INT = 2**31 - 1  # the largest stride, padding, dilation or kernel size accepted
+
+
 def as_pair(value, name: str, *, minimum: int = 1) -> tuple[int, int]:
     """Normalise an int or a pair of ints to `(height, width)`, checking each is an
-    integer `>= minimum`.
+    integer with `minimum <= value <= MAX_INT`.
 
     Raises `TypeError` for non-integers (floats, bools, strings) and `ValueError` for a
-    wrong length or a value below `minimum`; both messages name the argument `name`.
+    wrong length or a value out of range; both messages name the argument `name`. The
+    upper bound keeps every size and byte stride computed from the value inside int64
+    (a stride of 10**30 would otherwise overflow deep inside NumPy).
     """
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
     if len(pair) != 2:
@@ -33,6 +39,8 @@ def as_pair(value, name: str, *, minimum: int = 1) -> tuple[int, int]:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
         if v < minimum:
             raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        if v > MAX_INT:
+            raise ValueError(f"{name} must be at most 2**31 - 1, got {value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -44,11 +52,10 @@ def check_array(x, name: str, ndim: int, layout: str) -> np.ndarray:
     """
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
-    if x.dtype == np.bool_ or not (
-        np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)
-    ):
+    if x.dtype.kind not in "iuf":  # not bool, complex, timedelta, datetime, object, str
         raise TypeError(
-            f"{name} must have a real numeric dtype (float32, float64 or an integer type), got {x.dtype}"
+            f"{name} must have a real numeric dtype (float32, float64 or an integer "
+            f"type), got {x.dtype}"
         )
     if x.ndim != ndim:
         raise ValueError(
@@ -147,15 +154,32 @@ def as_padding(
     return (ph, ph), (pw, pw)
 
 
+def _check_fill(value, dtype: np.dtype):
+    """`value` if `dtype` holds it exactly, else a `ValueError`/`TypeError` naming it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"value must be a real number, got {value!r}")
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        if not (np.isfinite(value) and value == int(value)):
+            raise ValueError(f"value must be an integer for {dtype} x, got {value!r}")
+        if not info.min <= int(value) <= info.max:
+            raise ValueError(
+                f"value must fit {dtype} ([{info.min}, {info.max}]), got {value!r}"
+            )
+    return value
+
+
 def pad2d(x: np.ndarray, padding, value: float = 0) -> np.ndarray:
     """Pad the H and W axes of an NHWC batch with `value` (zeros by default); always
     returns a new array.
 
     x: `(N, H, W, C)` -> `(N, H + top + bottom, W + left + right, C)`.
     padding: int (all sides), `(ph, pw)`, or `((top, bottom), (left, right))`; every
-    amount an int >= 0.
+    amount an int >= 0. value must be representable in `x`'s dtype (for an integer `x`,
+    an integer in its range: -1 for uint8 would silently become 255).
     """
     x = check_array(x, "x", 4, "(N, H, W, C)")
+    _check_fill(value, x.dtype)
     (top, bottom), (left, right) = as_padding(padding)
     return np.pad(
         x, ((0, 0), (top, bottom), (left, right), (0, 0)), constant_values=value

@@ -50,7 +50,7 @@ CASES = [
     (lambda: conv2d(x, w.astype(str)), TypeError, "w must have a real numeric dtype"),
     (lambda: conv2d(x, w, np.array(["a"] * 4)), TypeError, "b must have a real numeric dtype"),
     (lambda: conv2d(x, np.zeros((3, 3, 3, 0))), ValueError, "w"),
-    (lambda: conv2d(x, w, method="fft"), ValueError, "method"),
+    (lambda: conv2d(x, w, method="fourier"), ValueError, "method"),
     (lambda: conv2d(x, w, method=None), ValueError, "method"),
     # im2col / col2im
     (lambda: im2col(x[0], 3), ValueError, "x must be 4-D"),
@@ -97,6 +97,35 @@ CASES = [
     (lambda: avg_pool2d(x.astype(str), 2), TypeError, "x"),
     (lambda: max_pool2d_backward(np.zeros((2, 3, 3, 3)), x, 2), ValueError, "dy must have the shape"),
     (lambda: avg_pool2d_backward(np.zeros((2, 4, 4)), x, 2), ValueError, "dy must be 4-D"),
+    # sizes beyond any possible array (an OverflowError deep inside NumPy before the bound)
+    (lambda: windows(x, 3, stride=10**30), ValueError, "stride must be at most"),
+    (lambda: windows(x, 1, dilation=2**63), ValueError, "dilation must be at most"),
+    (lambda: windows(x, 10**30), ValueError, "kernel must be at most"),
+    (lambda: conv2d(x, w, stride=2**63), ValueError, "stride must be at most"),
+    (lambda: conv2d(x, w, padding=10**30), ValueError, "padding must be at most"),
+    (lambda: conv2d(x, w, padding=((0, 0), (0, 2**40))), ValueError, "padding must be at most"),
+    (lambda: conv2d(x, w, dilation=(1, 10**30)), ValueError, "dilation must be at most"),
+    (lambda: im2col(x, 3, stride=10**30), ValueError, "stride must be at most"),
+    (lambda: col2im(np.zeros((72, 27)), (2, 8, 8, 3), 3, padding=10**30), ValueError, "padding"),
+    (lambda: conv2d_backward(np.zeros((2, 6, 6, 4)), x, w, stride=10**30), ValueError, "stride"),
+    (lambda: conv_transpose2d(x, np.zeros((3, 3, 4, 3)), stride=10**30), ValueError, "stride"),
+    (lambda: dilate(x, 10**30), ValueError, "stride must be at most"),
+    (lambda: max_pool2d(x, 2, stride=10**30), ValueError, "stride must be at most"),
+    (lambda: avg_pool2d(x, 2, stride=2**63), ValueError, "stride must be at most"),
+    (lambda: windows(x, 3, stride=2**31 - 1), None, None),  # the bound itself is accepted
+    # dtypes that NumPy calls integers but are not numbers of pixels
+    (lambda: conv2d(x.astype("m8[s]"), w), TypeError, "x must have a real numeric dtype"),
+    (lambda: conv2d(x, w.astype("m8[ns]")), TypeError, "w must have a real numeric dtype"),
+    (lambda: windows(x.astype("m8[s]"), 3), TypeError, "x must have a real numeric dtype"),
+    (lambda: conv2d(x.astype("M8[s]"), w), TypeError, "x must have a real numeric dtype"),
+    # fill values that an integer image cannot hold (they used to wrap silently)
+    (lambda: pad2d(x.astype(np.uint8), 1, value=-1), ValueError, "value must fit uint8"),
+    (lambda: pad2d(x.astype(np.uint8), 1, value=300), ValueError, "value must fit uint8"),
+    (lambda: pad2d(x.astype(np.int16), 1, value=1.5), ValueError, "value must be an integer"),
+    (lambda: pad2d(x.astype(np.int32), 1, value=float("nan")), ValueError, "value must be an integer"),
+    (lambda: pad2d(x, 1, value="0"), TypeError, "value must be a real number"),
+    (lambda: pad2d(x.astype(np.uint8), 1, value=255), None, None),
+    (lambda: pad2d(x, 1, value=-np.inf), None, None),
 ]
 
 
@@ -107,3 +136,44 @@ def test_bad_input_raises_clear_error(call, exc, word):
         return
     with pytest.raises(exc, match=word):
         call()
+
+
+def test_integer_fill_values_are_kept_exactly():
+    """The fill value lands unchanged, at the edge of the dtype's range too."""
+    img = np.arange(4, dtype=np.uint8).reshape(1, 2, 2, 1)
+    out = pad2d(img, 1, value=255)
+    assert out.dtype == np.uint8 and out[0, 0, 0, 0] == 255 and np.array_equal(out[:, 1:3, 1:3], img)
+    assert pad2d(img.astype(np.int8), 1, value=-128)[0, 0, 0, 0] == -128
+
+
+def test_col2im_rejects_a_huge_shape_before_allocating():
+    """A mismatched `cols` for an enormous `x_shape` is refused without allocating its index arrays
+    (computing them first took gigabytes)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="cols must have shape"):
+            col2im(np.zeros((4, 9)), (1, 20_000, 20_000, 1), 3)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak / 1e6:.1f} MB allocated before the error"
+
+
+@pytest.mark.parametrize("method", ["auto", "naive", "col2im", "dilate", "fast"])
+def test_backward_of_an_empty_batch_is_zero(method):
+    """Every backward method returns zero gradients of the right shapes for a batch of 0 images
+    (the dilate method used to fail), like PyTorch's autograd."""
+    import torch
+    import torch.nn.functional as F
+
+    xe, dye = np.zeros((0, 6, 5, 3)), np.zeros((0, 3, 3, 4))
+    we = np.random.default_rng(0).standard_normal((3, 3, 3, 4))
+    dx, dw, db = conv2d_backward(dye, xe, we, stride=2, padding=1, method=method)
+    tx = torch.zeros((0, 3, 6, 5), dtype=torch.float64, requires_grad=True)
+    tw = torch.from_numpy(we.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    F.conv2d(tx, tw, stride=2, padding=1).sum().backward()
+    assert dx.shape == xe.shape and dw.shape == we.shape and db.shape == (4,)
+    assert np.array_equal(dw, tw.grad.numpy().transpose(2, 3, 1, 0)) and not dw.any()
+    assert not dx.any() and not db.any()
