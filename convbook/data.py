@@ -169,10 +169,10 @@ def _read_payload(
     buf = np.empty(min(nbytes, _BLOCK), np.uint8)
     filled = 0
     while filled < nbytes:
-        if filled == buf.size:  # full: double it, up to the promised size
-            more = np.empty(min(buf.size, nbytes - buf.size), np.uint8)
-            buf = np.concatenate([buf, more])
-        n = f.readinto(memoryview(buf)[filled : filled + _BLOCK])
+        if filled == buf.size:  # full: double it in place, up to the promised size
+            buf.resize(min(nbytes, 2 * buf.size), refcheck=False)  # no other references
+        with memoryview(buf) as view:
+            n = f.readinto(view[filled : filled + _BLOCK])
         if not n:
             raise DataError(
                 f"{path}: header promises {shape} ({nbytes:,} bytes of data) but "
