@@ -15,7 +15,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: book test venv export check-sync nbtest nbtest-all pytest chromium clean
+.PHONY: book test venv export check-sync lint format nbtest nbtest-all pytest chromium bump clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,22 @@ check-sync: $(STAMP)
 	git diff --exit-code -- book convbook || { echo "Notebooks and package disagree: run nbdev-clean and nbdev-export, then commit."; exit 1; }
 	@test -z "$$(git status --porcelain -- convbook)" || { git status --porcelain -- convbook; echo "nbdev-export created untracked files in convbook/."; exit 1; }
 
+# Workflows validated by actionlint (nothing here can run GitHub's runners); one code style, ruff's, in
+# the package and in the notebooks' code cells.
+lint: $(STAMP)
+	$(BIN)/actionlint .github/workflows/*.yml
+	$(BIN)/ruff format --check book convbook scripts _ext
+	$(BIN)/ruff check book convbook scripts _ext
+
+format: $(STAMP)
+	$(BIN)/ruff format book convbook scripts _ext
+	$(BIN)/nbdev-export
+
+# The version's one source is book/00_package.ipynb: `make bump PART=patch` (or minor, major) raises it,
+# re-exports the package and opens its section in CHANGELOG.md.
+bump: $(STAMP)
+	$(BIN)/python scripts/bump_version.py $(PART)
+
 # The chapters as tests without rendering, as nbdev projects run them in CI. Cells flagged `#| slow`
 # (training, full benchmarks) are left out here; the book build executes them, so `make test` runs
 # every cell once either way. `make nbtest-all` runs them all with nbdev-test.
@@ -49,9 +65,10 @@ nbtest: $(STAMP)
 nbtest-all: $(STAMP)
 	$(BIN)/nbdev-test book --n-workers 1 --flags slow --timing
 
-# The site tests drive Debian's Chromium with playwright (playwright cannot download browsers here).
+# The site tests drive Debian's Chromium with playwright (playwright cannot download browsers here);
+# $CHROMIUM may name another Chromium binary (CI sets it).
 chromium:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@test -n "$$CHROMIUM" -a -x "$$CHROMIUM" || command -v chromium >/dev/null 2>&1 || { \
 	  echo "Installing Debian's chromium for the browser tests"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }

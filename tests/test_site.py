@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import os
 import re
 import shutil
 import subprocess
@@ -27,6 +28,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import pytest
 import yaml
 
+pytestmark = pytest.mark.site
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
@@ -93,7 +95,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def browser():
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(chromium).exists():
         pytest.fail("Debian's Chromium is needed for the site tests: apt-get install -y chromium "
                     "(`make test` installs it)")
