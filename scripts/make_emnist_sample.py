@@ -11,6 +11,7 @@ depends only on its input (gzip stores a time stamp), and chapter 7a shows that 
 also smaller here. The script prints the SHA-256 of each file as the lines of the table
 `_SAMPLE_SHA256` in book/07a_data.ipynb: subset, kind, hash.
 """
+
 from __future__ import annotations
 
 import argparse
