@@ -89,7 +89,7 @@ def _as_path(value: object, name: str) -> Path:
     """`value` as a `Path`; a `TypeError` naming the argument if it is not a path."""
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(
-            f"{name} must be a path (str or os.PathLike), got {type(value).__name__}"
+            f"{name} must be a path, a str or os.PathLike, got {type(value).__name__}"
         )
     return Path(value)
 

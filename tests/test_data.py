@@ -184,6 +184,14 @@ def mnist_dir(tmp_path, publish) -> Path:
     return write_files(tmp_path / "mnist", publish(official_files()))
 
 
+NOWHERE = "http://127.0.0.1:9/x.zip"  # port 9 (discard): the connection is refused
+
+
+def load_mnist_test(folder: Path, **kwargs):
+    """`load_emnist("mnist", "test")` from `folder`."""
+    return load_emnist("mnist", "test", data_dir=folder, **kwargs)
+
+
 # --------------------------------------------------------------------------------------
 # read_idx: round trips
 
@@ -875,12 +883,7 @@ def test_missing_files_without_download(tmp_path, mnist_dir):
 )
 def test_wrong_names(tmp_path, split, subset, error, word):
     with pytest.raises(error, match=word) as info:
-        load_emnist(
-            split,
-            subset,
-            data_dir=tmp_path / "cache",
-            url="http://127.0.0.1:9/none.zip",
-        )
+        load_emnist(split, subset, data_dir=tmp_path / "cache", url=NOWHERE)
     assert not isinstance(info.value, DataError)
     assert not (tmp_path / "cache").exists()  # nothing was touched
 
@@ -892,16 +895,10 @@ def test_a_file_given_as_data_dir(tmp_path, download):
     path = tmp_path / "gzip.zip"
     path.write_bytes(b"PK")
     with pytest.raises(DataError, match="is a file, not a folder") as info:
-        load_emnist(
-            "mnist",
-            "test",
-            data_dir=path,
-            download=download,
-            url="http://127.0.0.1:9/x.zip",
-        )
+        load_mnist_test(path, download=download, url=NOWHERE)
     assert str(path) in str(info.value) and "data_dir" in str(info.value)
     with pytest.raises(DataError, match="is a file, not a folder"):
-        download_emnist(path, url="http://127.0.0.1:9/x.zip", progress=False)
+        download_emnist(path, url=NOWHERE, progress=False)
     assert path.read_bytes() == b"PK"
 
 
@@ -955,13 +952,7 @@ def test_verify_never_uses_a_decompressed_copy(tmp_path, download):
     }
     write_files(folder, stored)
     with pytest.raises(DataError, match="decompressed copy.*verify=False") as info:
-        load_emnist(
-            "mnist",
-            "test",
-            data_dir=folder,
-            download=download,
-            url="http://127.0.0.1:9/x.zip",
-        )
+        load_mnist_test(folder, download=download, url=NOWHERE)
     assert str(folder / "emnist-mnist-test-images-idx3-ubyte") in str(info.value)
     assert sorted(p.name for p in folder.iterdir()) == sorted(stored)
 
