@@ -513,19 +513,18 @@ def _fft_lengths(out: int, span: int) -> list[int]:
 # %% ../book/09_winograd.ipynb #bcd5d995
 class Rates(NamedTuple):
     """Seconds per unit of work, the parameters of the cost model (`calibrate()`
-    measures them): a float32 multiply-add in a large matrix product (`mac`), in a
-    transform product with 16 or 36 columns (`transform_mac`), a complex multiply-add
-    of the FFT method's per-frequency products (`complex_mac`), one `n log2 n` unit of
-    a float32 FFT (`fft`), one number moved by a strided copy (`copy`), one
-    multiply-add of a broadcast over taps (`tap`) and a fixed cost per NumPy call
-    (`call`)."""
+    measures them): a float32 multiply-add in a large matrix product (`mac`), in the
+    small products of a tile transform (`transform_mac`, `kron_apply` with 4 to 6
+    rows), a complex multiply-add of the FFT's per-frequency products (`complex_mac`),
+    one `n log2 n` unit of a float32 FFT (`fft`), one number moved by a strided copy
+    (`copy`) and the fixed cost of one NumPy call (`call`)."""
 
     mac: float = 1.6e-11
-    transform_mac: float = 3.0e-11
-    complex_mac: float = 8.0e-11
-    fft: float = 1.0e-9
-    copy: float = 6.0e-10
-    call: float = 5.0e-6
+    transform_mac: float = 7.7e-11
+    complex_mac: float = 1.65e-10
+    fft: float = 3.1e-9
+    copy: float = 4.5e-10
+    call: float = 1.8e-6
 
 RATES = Rates()
 
@@ -674,13 +673,15 @@ def taps_conv2d(
 # %% ../book/09_winograd.ipynb #66311f54
 def _winograd_cost(spec: ConvSpec, m: int, rates: Rates = RATES) -> float:
     """Predicted seconds of `winograd_conv2d` with F(m x m, 3 x 3): gathering the
-    tiles, the input transform (`n^2 x n^2` per tile and channel), the `n^2` channel
-    products, the output transform and the scatter."""
+    tiles, the input transform (`2 n^3` multiply-adds per tile and channel, by
+    `kron_apply`), the `n^2` channel products, the output transform (`m n^2 + m^2 n`)
+    and the scatter."""
     n, (c_in, c_out) = m + 2, spec.w_shape[2:]
     batch, ho, wo, _ = spec.out_shape
     tiles = batch * -(-ho // m) * -(-wo // m)
     moves = tiles * (n * n * c_in + m * m * c_out) * rates.copy
-    transforms = tiles * n * n * (n * n * c_in + m * m * c_out) * rates.transform_mac
+    transforms = tiles * (2 * n**3 * c_in + (m * n * n + m * m * n) * c_out)
+    transforms *= rates.transform_mac
     groups = len(list(_tile_groups(spec, m, WINOGRAD_TILE_BYTES)))
     calls = groups * (n * n + 6) * rates.call
     return moves + transforms + tiles * n * n * c_in * c_out * rates.mac + calls
@@ -698,9 +699,9 @@ def _im2col_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
     return pixels * depth * (rates.copy + c_out * rates.mac * narrow)
 
 def _dilated_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
-    """Predicted seconds of `dilated_conv2d`: the best method of each sub-problem and a
-    copy of the output."""
-    total = np.prod(spec.out_shape) * rates.copy
+    """Predicted seconds of `dilated_conv2d`: the best method of each sub-problem and
+    the strided copies of the input and the output."""
+    total = (math.prod(spec.out_shape) + math.prod(spec.x_shape)) * rates.copy
     for _, _, sub in _dilated_phases(spec):
         if sub is not None:
             total += min(forward_costs(_sub_spec(spec, *sub), rates).values())
@@ -868,8 +869,8 @@ def conv2d_backward_dilated(dy, x, w, spec: ConvSpec, input_grad: bool = True):
         dy, x, w, spec, input_grad, lambda *a: _auto_backward(a[3])(*a)
     )
 
-# %% ../book/09_winograd.ipynb #72182517
-def _seconds(fn, repeat: int = 5) -> float:
+# %% ../book/09_winograd.ipynb #32d2c4a5
+def _seconds(fn, repeat: int = 9) -> float:
     """The fastest of `repeat` runs of `fn()` after a warm-up (a calibration wants the
     machine's capability, not its median load)."""
     import time
@@ -884,22 +885,26 @@ def _seconds(fn, repeat: int = 5) -> float:
 
 def calibrate(seed: int = 0) -> Rates:
     """Measure the `Rates` of this machine with float32 operations of the sizes the
-    methods use (run it with the threads pinned, as `interleaved_medians` does)."""
+    methods use, on preallocated arrays (run it with the threads pinned, as
+    `interleaved_medians` does)."""
     rng = np.random.default_rng(seed)
     a = rng.standard_normal((36, 256, 128), dtype=np.float32)
     b = rng.standard_normal((36, 128, 128), dtype=np.float32)
-    kb = rng.standard_normal((36, 36), dtype=np.float32)
-    t = rng.standard_normal((36, 2**16), dtype=np.float32)
+    ab = np.empty((36, 256, 128), np.float32)
+    bt = rng.standard_normal((6, 6), dtype=np.float32)
+    t = rng.standard_normal((36, 2**13), dtype=np.float32)  # in cache, like a group
+    u, tmp = np.empty_like(t), np.empty(t.size, np.float32)
     ca = (a[:, :16, :64] + 1j * a[:, 16:32, :64]).astype(np.complex64)
     cb = (b[:, :64, :64] + 1j * b[:, 64:, :64]).astype(np.complex64)
+    cab = np.empty((36, 16, 64), np.complex64)
     img = rng.standard_normal((16, 32, 32, 64), dtype=np.float32)
     win = windows(img, (6, 6), stride=4).transpose(3, 4, 0, 1, 2, 5)
     dst = np.empty(win.shape, np.float32)
     small = np.ones((2, 2), np.float32)
     return Rates(
-        mac=_seconds(lambda: np.matmul(a, b)) / a.size / 128,
-        transform_mac=_seconds(lambda: np.matmul(kb, t)) / t.size / 36,
-        complex_mac=_seconds(lambda: np.matmul(ca, cb)) / ca.size / 64,
+        mac=_seconds(lambda: np.matmul(a, b, out=ab)) / a.size / 128,
+        transform_mac=_seconds(lambda: kron_apply(bt, t, u, tmp)) / t.size / 12,
+        complex_mac=_seconds(lambda: np.matmul(ca, cb, out=cab)) / ca.size / 64,
         fft=_seconds(lambda: np.fft.rfft2(img, axes=(1, 2))) / img.size / 10,
         copy=_seconds(lambda: copy_pixels(dst, win)) / dst.size,
         call=_seconds(lambda: np.matmul(small, small), 50),

@@ -373,7 +373,7 @@ def test_winograd_workspace_does_not_grow_with_the_batch(tile):
 def test_auto_decisions_follow_the_cost_model():
     """With the package's rates: a large 3x3 layer goes to Winograd, a first layer, a 1x1 and
     a strided forward stay with chapter 8's tiles, a dilated 3x3 is split into phases, and a
-    large kernel on a small image with many channels goes to the FFT."""
+    large kernel on few channels goes to the FFT."""
     def spec(n, h, c_in, c_out, k, **kw):
         return conv_spec(np.zeros((n, h, h, c_in), np.float32),
                          np.zeros((k, k, c_in, c_out), np.float32), **kw)[3]
@@ -382,7 +382,8 @@ def test_auto_decisions_follow_the_cost_model():
     assert wg.choose_conv2d(spec(64, 28, 64, 128, 1)) == "fast"
     assert wg.choose_conv2d(spec(64, 28, 32, 64, 3, stride=2, padding=1)) == "fast"
     assert wg.choose_conv2d(spec(64, 28, 32, 32, 3, padding=2, dilation=2)) == "dilated"
-    assert wg.choose_conv2d(spec(8, 32, 64, 64, 11, padding=5)) == "fft"
+    assert wg.choose_conv2d(spec(8, 64, 8, 8, 21, padding=10)) == "fft"
+    assert wg.choose_conv2d(spec(8, 64, 8, 8, 5, padding=2)) == "fast"
     for s in (spec(64, 56, 64, 64, 3, padding=1), spec(64, 28, 32, 64, 3, stride=2, padding=1)):
         assert wg.choose_conv2d_backward(s) in wg.backward_costs(s)
     assert wg.choose_conv2d(spec(2, 14, 512, 512, 3, padding=1)) != "winograd4"  # float32 > 256
