@@ -9,6 +9,8 @@ one pixel in another order than PyTorch does, so it gets the tolerance.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from convbook.layers import (SGD, Adam, Conv2d, Dropout, Flatten, Linear, MaxPoo
                              Sequential, softmax_cross_entropy)
 from convbook.train import Model, emnist_cnn, load_model
 from conftest import assert_close, conv_cases, pool_cases, to_t
+from test_pool import option_cases
 
 DTYPES = st.sampled_from([np.float64, np.float32])
 
@@ -142,21 +145,79 @@ def test_relu_equals_torch_exactly(x):
     check_relu(x)
 
 
+SPECIAL = np.array([np.nan, -np.nan, -0.0, 0.0, np.inf, -np.inf, 2.0, -3.0])
+
+
+def same_bits(a, b):
+    """Equal values, NaN equal to NaN, and -0.0 told apart from +0.0."""
+    return np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
+
+
+def check_relu_special(x, dy, cls=ReLU):
+    layer = cls()
+    y, dx = layer.forward(x), layer.backward(dy)
+    tx = to_t(x).requires_grad_()
+    ty = torch.relu(tx)
+    ty.backward(to_t(dy))
+    assert same_bits(y, ty.detach().numpy()) and same_bits(dx, tx.grad.numpy())
+
+
+@given(st.sampled_from([(7,), (3, 50), (2, 5, 4, 3), (1, 1)]), DTYPES, st.integers(0, 2**32 - 1))
+def test_relu_nan_zeros_and_infinities_bit_for_bit(shape, dtype, seed):
+    """NaN propagates forward and its gradient passes, -0.0 stays -0.0, -inf gives +0, and the
+    gradient is +0 where x <= 0 even for an infinite or NaN dy: as torch.relu and autograd."""
+    rng = np.random.default_rng(seed)
+    x, dy = (rng.choice(SPECIAL, size=shape).astype(dtype) for _ in range(2))
+    check_relu_special(x, dy)
+
+
+class ReLUZeroingNaN(ReLU):
+    """Wrong (the earlier version): NaN -> 0 forward, and its gradient blocked."""
+
+    def forward(self, x):
+        self.mask_ = x > 0
+        return np.where(self.mask_, x, 0).astype(x.dtype)
+
+    def backward(self, dy):
+        return np.where(self.mask_, dy, 0).astype(dy.dtype)
+
+
+def test_property_catches_a_relu_that_zeroes_nan():
+    prop = settings(max_examples=100, report_multiple_bugs=False)(given(
+        st.sampled_from([(7,), (3, 50)]), DTYPES, st.integers(0, 2**32 - 1))(
+        lambda shape, dtype, seed: check_relu_special(
+            *(np.random.default_rng(seed + k).choice(SPECIAL, size=shape).astype(dtype) for k in range(2)),
+            cls=ReLUZeroingNaN)))
+    with pytest.raises(AssertionError):
+        prop()
+
+
+def test_relu_keeps_the_input_layout_and_the_big_arrays():
+    """A transposed (NCHW-strided) input and the emnist-sized one: the same bits as torch."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 9, 7)).astype(np.float32).transpose(0, 2, 3, 1)
+    x[0, 0, 0] = -0.0
+    check_relu_special(x, rng.standard_normal(x.shape).astype(np.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # MaxPool2d
 
 
-def check_max_pool(case, cls=MaxPool2d):
+def check_max_pool(case, cls=MaxPool2d, **options):
+    """The layer against F.max_pool2d and autograd, and against chapter 5b's functions;
+    NaN must come out where PyTorch's does."""
     x, kernel, stride, padding = case
-    layer = cls(kernel, stride, padding)
+    layer = cls(kernel, stride, padding, **options)
     y, dy, dx = run_layer(layer, x)
-    pool = lambda tx: F.max_pool2d(tx, kernel, stride=stride, padding=padding)
+    kw = dict(stride=stride, padding=padding, **options)
+    pool = lambda tx: F.max_pool2d(tx, kernel, **kw)  # noqa: E731
     y_ref, dx_ref = autograd(pool, nhwc_to_nchw(x), nhwc_to_nchw(dy))
     assert y.dtype == x.dtype and dx.dtype == x.dtype and dx.shape == x.shape
-    assert np.array_equal(y, nchw_to_nhwc(y_ref))
-    assert np.array_equal(y, max_pool2d(x, kernel, stride=stride, padding=padding))
+    assert np.array_equal(y, nchw_to_nhwc(y_ref), equal_nan=True)
+    assert np.array_equal(y, max_pool2d(x, kernel, **kw), equal_nan=True)
     assert_close(dx, nchw_to_nhwc(dx_ref), x.dtype)
-    assert_close(dx, max_pool2d_backward(dy, x, kernel, stride=stride, padding=padding), x.dtype)
+    assert_close(dx, max_pool2d_backward(dy, x, kernel, **kw), x.dtype)
 
 
 @given(pool_cases(infinities=True))
@@ -179,6 +240,52 @@ def test_max_pool_layer_overlapping_windows_add_up():
     layer.forward(x)
     dx = layer.backward(np.ones((1, 3, 3, 1)))
     assert dx[0, 2, 2, 0] == 9 and dx.sum() == 9
+
+
+@given(option_cases("max"))
+def test_max_pool_layer_every_option_with_nan_and_inf(case):
+    """Dilation, ceil mode, 1-tuples, NaN and +-inf: the layer's two paths against torch."""
+    x, kernel, kw = case
+    check_max_pool((x, kernel, kw.get("stride"), kw["padding"]), dilation=kw["dilation"],
+                   ceil_mode=kw["ceil_mode"])
+
+
+@st.composite
+def two_by_two_cases(draw):
+    """Inputs for the 2x2, stride 2 fast path: even and odd sizes, ties, -0.0, NaN, +-inf."""
+    h, w = draw(st.integers(2, 9)), draw(st.integers(2, 9))
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1.0, -1.0, 0.5])
+    dtype = draw(DTYPES)
+    if draw(st.booleans()):
+        x = rng.choice(values, size=(n, h, w, c))
+    else:
+        x = np.round(rng.standard_normal((n, h, w, c)) * 2) / 2
+    return x.astype(dtype), (2, (2, 2), (2,))[draw(st.integers(0, 2))]
+
+
+@given(two_by_two_cases())
+def test_max_pool_fast_path_equals_torch(case):
+    x, kernel = case
+    check_max_pool((x, kernel, None, 0))
+
+
+class MaxPool2dColumnsFirst(MaxPool2d):
+    """Wrong on ties: the 2x2 path compares the pairs of rows first, then of columns."""
+
+    def forward(self, x):
+        return super().forward(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+
+    def backward(self, dy):
+        return super().backward(np.ascontiguousarray(dy.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+
+
+def test_property_catches_a_fast_path_with_the_wrong_tie_order():
+    prop = settings(max_examples=200, report_multiple_bugs=False)(given(two_by_two_cases())(
+        lambda case: check_max_pool((case[0], 2, None, 0), cls=MaxPool2dColumnsFirst)))
+    with pytest.raises(AssertionError):
+        prop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +517,8 @@ def torch_twin(net, x, seed=0):
         elif name == "ReLU":
             m = torch.nn.ReLU()
         elif name == "MaxPool2d":
-            m = torch.nn.MaxPool2d(layer.kernel, layer.stride, layer.padding)
+            m = torch.nn.MaxPool2d(layer.kernel, layer.stride, layer.padding, layer.dilation,
+                                   ceil_mode=layer.ceil_mode)
         elif name == "Dropout":
             keep = seeded_dropout(torch.ones(h.shape, dtype=dt), layer.p, seed).numpy() != 0
             layer.rng, m = ReplayMask(keep), TorchDropout(layer.p, seed)
@@ -538,12 +646,12 @@ def test_predict_on_an_empty_batch():
 class ReLUPassingAtZero(ReLU):
     """Wrong: passes the gradient where x == 0 (PyTorch passes 0 there)."""
 
-    def backward(self, dy):
-        return dy * (self.mask | (self.x_ == 0))
-
     def forward(self, x):
         self.x_ = x
         return super().forward(x)
+
+    def backward(self, dy):
+        return np.where((self.x_ > 0) | (self.x_ == 0), dy, 0).astype(dy.dtype)
 
 
 class LinearWithoutTranspose(Linear):
@@ -601,6 +709,132 @@ def test_property_catches_adam_without_bias_correction():
 def test_relu_of_minus_inf_is_zero():
     with np.errstate(invalid="ignore"):
         assert np.array_equal(ReLU().forward(np.array([-np.inf, 1.0])), [0.0, 1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments checked when a layer is built; configs that JSON can store
+
+
+@pytest.mark.parametrize("make,error,words", [
+    (lambda: Conv2d(0, 4, 3), ValueError, "c_in must be >= 1"),
+    (lambda: Conv2d(1, 0, 3), ValueError, "c_out must be >= 1"),
+    (lambda: Conv2d(1.5, 4, 3), TypeError, "c_in must be an int"),
+    (lambda: Conv2d(1, 4, 0), ValueError, "kernel"),
+    (lambda: Conv2d(1, 4, 3, stride=0), ValueError, "stride"),
+    (lambda: Conv2d(1, 4, 3, dilation=(1, 0)), ValueError, "dilation"),
+    (lambda: Conv2d(1, 4, 3, padding=-1), ValueError, "padding"),
+    (lambda: Conv2d(1, 4, 3, padding="full"), ValueError, "padding"),
+    (lambda: Conv2d(1, 4, 3, stride=2, padding="same"), ValueError, "same"),
+    (lambda: Conv2d(1, 4, 3, dtype=np.int64), TypeError, "dtype"),
+    (lambda: Conv2d(1, 4, 3, input_grad=None), TypeError, "input_grad"),
+    (lambda: Conv2d(1, 4, 3, rng=7), TypeError, "rng"),
+    (lambda: Linear(0, 3), ValueError, "n_in must be >= 1"),
+    (lambda: Linear(3, 0), ValueError, "n_out must be >= 1"),
+    (lambda: Linear(3, True), TypeError, "n_out"),
+    (lambda: Linear(3, 2, dtype="int8"), TypeError, "dtype"),
+    (lambda: MaxPool2d(0), ValueError, "kernel"),
+    (lambda: MaxPool2d(2, padding=2), ValueError, "padding must be at most half"),
+    (lambda: MaxPool2d(2, stride=(1, 1, 1)), ValueError, "stride"),
+    (lambda: MaxPool2d(2, dilation=0), ValueError, "dilation"),
+    (lambda: MaxPool2d(2, ceil_mode="yes"), TypeError, "ceil_mode"),
+    (lambda: Dropout("0.5"), TypeError, "p must be a number"),
+    (lambda: Dropout(1), ValueError, "p must be in"),
+    (lambda: Dropout(0.5, rng="seed"), TypeError, "rng"),
+    (lambda: Sequential(ReLU(), np.tanh), TypeError, "layer 1 must be a Layer"),
+    (lambda: SGD({}, lr=-1), ValueError, "lr"),
+    (lambda: SGD({}, momentum="0.9"), TypeError, "momentum"),
+    (lambda: Adam({}, betas=(0.9, 1.0)), ValueError, "betas"),
+    (lambda: Adam({}, eps=-1e-8), ValueError, "eps"),
+])
+def test_bad_arguments_raise_when_the_layer_is_built(make, error, words):
+    """Before: Conv2d(0, ...) and Linear(0, ...) raised ZeroDivisionError, MaxPool2d's and
+    Conv2d's geometry was only checked at the first forward pass."""
+    with pytest.raises(error, match=words):
+        make()
+
+
+def test_linear_forward_names_a_wrong_input_shape():
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 4\)"):
+        Linear(4, 2).forward(np.zeros((3, 5), np.float32))
+
+
+def test_configs_are_plain_json_with_numpy_integers(tmp_path):
+    """Hyperparameters given as NumPy integers: config() returns Python ints and lists, the
+    model saves and loads (before, Conv2d.config raised and MaxPool2d's was not JSON)."""
+    i = np.int64
+    g = np.random.default_rng(0)
+    net = Sequential(
+        Conv2d(i(1), i(4), (i(3), i(3)), stride=i(1), padding=(i(1), i(1)), dilation=i(1),
+               input_grad=np.bool_(False), rng=g), ReLU(),
+        MaxPool2d(i(2), stride=(i(2),), padding=i(0)), Flatten(),
+        Linear(i(14 * 14 * 4), np.int32(5), rng=g), Dropout(np.float32(0.25)))
+    configs = [layer.config() for layer in net.layers]
+    text = json.dumps(configs)
+    assert json.loads(text) == configs
+    for cfg in configs:
+        for v in cfg.values():
+            assert v is None or type(v) in (int, float, bool, str, list), (cfg, type(v))
+    model = Model(net, 0.5, 0.25, {k: str(k) for k in range(5)})
+    loaded = load_model(model.save(tmp_path / "m.npz"))
+    images = g.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    assert np.array_equal(loaded.logits(images), model.logits(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN through the loss, dropout and the optimizers, as in PyTorch
+
+
+def test_softmax_cross_entropy_nan_and_inf_like_torch():
+    z = np.array([[1.0, 2.0, 3.0], [np.nan, 0.0, 1.0], [np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0]])
+    labels = np.array([0, 1, 2, 1])
+    for rows in ([0], [1], [2], [3], [0, 3], [0, 1, 2, 3]):
+        with np.errstate(invalid="ignore"):
+            loss, grad = softmax_cross_entropy(z[rows], labels[rows])
+        tz = to_t(z[rows]).requires_grad_()
+        ref = F.cross_entropy(tz, torch.from_numpy(labels[rows]))
+        ref.backward()
+        assert (np.isnan(loss) and np.isnan(ref.item())) or abs(loss - ref.item()) < 1e-12, rows
+        assert np.array_equal(np.isnan(grad), np.isnan(tz.grad.numpy())), rows
+        assert_close(np.nan_to_num(grad), np.nan_to_num(tz.grad.numpy()), np.float64)
+
+
+def test_dropout_with_nan_and_inf_like_torch():
+    x = np.tile(np.array([np.nan, np.inf, 1.0, -np.inf]), 8).reshape(4, 8)
+    dy = np.tile(np.array([np.nan, 1.0, np.inf, 2.0]), 8).reshape(4, 8)
+    keep = seeded_dropout(to_t(np.ones_like(x)), 0.5, 3).numpy() != 0
+    layer = Dropout(0.5, rng=ReplayMask(keep))
+    with np.errstate(invalid="ignore"):
+        y, dx = layer.forward(x), layer.backward(dy)
+    y_ref, dx_ref = autograd(lambda tx: seeded_dropout(tx, 0.5, 3), x, dy)
+    assert np.array_equal(y, y_ref, equal_nan=True) and np.array_equal(dx, dx_ref, equal_nan=True)
+
+
+def test_sgd_without_momentum_keeps_no_velocity():
+    """An infinite gradient once: PyTorch keeps p = -inf; a velocity multiplied by 0 would turn
+    into NaN at the next step (0 * inf)."""
+    ours = {"w": np.zeros(3)}
+    theirs = to_t(np.zeros(3)).requires_grad_()
+    opt, topt = SGD(ours, lr=0.1, momentum=0.0), torch.optim.SGD([theirs], lr=0.1, momentum=0.0)
+    for g in (np.array([np.inf, 1.0, 2.0]), np.array([1.0, 1.0, 1.0])):
+        opt.step({"w": g})
+        theirs.grad = to_t(g)
+        topt.step()
+        assert np.array_equal(ours["w"], theirs.detach().numpy(), equal_nan=True)
+
+
+def test_optimizer_steps_allocate_no_parameter_sized_arrays():
+    """In place: the parameters and the optimizers' own arrays are the same objects after a
+    step, and tracemalloc sees no allocation of the size of a parameter."""
+    import tracemalloc
+    params = {"w": np.zeros((512, 512), np.float32)}
+    grads = {"w": np.ones((512, 512), np.float32)}
+    for opt in (SGD(params, lr=0.1), Adam(params)):
+        opt.step(grads)
+        tracemalloc.start()
+        opt.step(grads)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < params["w"].nbytes / 4, (type(opt).__name__, peak)
 
 
 def test_max_pool_layer_propagates_nan_like_torch():
