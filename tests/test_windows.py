@@ -54,12 +54,31 @@ def test_windows_is_a_readonly_view_inside_x(case):
     v = windows(x, kernel, stride=stride, dilation=dilation)
     assert not v.flags.writeable
     assert np.shares_memory(v, x) or v.size == 0
-    # every byte the view can reach lies within x's own bytes
+    # every byte the view can reach lies between the first and the last byte of x
     base = x.__array_interface__["data"][0]
     lo, hi = byte_extent(v.shape, v.strides, v.itemsize)
     xlo, xhi = byte_extent(x.shape, x.strides, x.itemsize)
     vstart = v.__array_interface__["data"][0] - base
     assert xlo <= vstart + lo and vstart + hi <= xhi
+
+
+def element_addresses(a: np.ndarray) -> np.ndarray:
+    """The address of every element of `a` (data pointer + index . strides)."""
+    grid = np.indices(a.shape).reshape(a.ndim, -1)
+    return a.__array_interface__["data"][0] + np.asarray(a.strides, dtype=np.int64) @ grid
+
+
+def check_elements_of_x(impl, case):
+    """Every element of the window view sits at the address of an element of x: stronger than
+    the guard's interval check, which a view reading the gaps of a sliced x would pass."""
+    x, kernel, stride, dilation = case
+    v = impl(x, kernel, stride=stride, dilation=dilation)
+    assert np.isin(element_addresses(v), element_addresses(x)).all()
+
+
+@given(window_cases())
+def test_windows_reads_only_elements_of_x(case):
+    check_elements_of_x(windows, case)
 
 
 def windows_from_shape(x, kernel, *, stride=1, dilation=1):
@@ -79,6 +98,17 @@ def test_property_catches_strides_from_shape_bug():
         given(window_cases())(lambda case: check_windows(windows_from_shape, case)))
     with pytest.raises(AssertionError):
         prop()
+
+
+def test_element_check_catches_strides_from_shape_on_a_sliced_input(rng):
+    """On an input with gaps (every other row and column), the strides-from-shape view reads
+    bytes that are not elements of x, yet stays inside x's interval: the guard would let it
+    through, the element check does not."""
+    x = make_layout(rng, (1, 6, 6, 2), np.float64, "strided")
+    wrong = windows_from_shape(x, (3, 3), stride=(1, 1), dilation=(1, 1))
+    check_inside(x, wrong.shape, wrong.strides)  # in bounds ...
+    with pytest.raises(AssertionError):
+        check_elements_of_x(windows_from_shape, (x, (3, 3), (1, 1), (1, 1)))  # ... but wrong
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -128,6 +158,76 @@ def test_guard_refuses_views_past_either_end():
     assert np.array_equal(ok, x[::-1]) and not ok.flags.writeable
     with pytest.raises(ValueError):
         check_inside(x, (2, -1), (8, 8))
+
+
+def test_guard_checks_an_interval_exactly():
+    """The guard's guarantee, to the byte: a view may read anything between the first and the
+    last byte of x (the gaps of a sliced x included), and nothing outside."""
+    parent = np.arange(12.0).reshape(3, 4)
+    x = parent[:, ::2]                                  # (3, 2), strides (32, 16): gaps at columns 1, 3
+    gaps = safe_as_strided(x, (3, 3), (32, 8))          # reads parent's column 1: accepted
+    assert set(gaps.ravel()) - set(x.ravel()) == {1.0, 5.0, 9.0}
+    check_inside(x, (11,), (8,))                        # bytes [0, 88): x's whole interval
+    with pytest.raises(ValueError, match="would touch bytes"):
+        check_inside(x, (12,), (8,))                    # one element more: [0, 96)
+    r = parent[::-1, ::-2]                              # negative strides: interval [-80, 8)
+    assert byte_extent(r.shape, r.strides, 8) == (-80, 8)
+    check_inside(r, (11,), (-8,))
+    with pytest.raises(ValueError, match="would touch bytes"):
+        check_inside(r, (12,), (-8,))
+
+
+@st.composite
+def strided_views(draw):
+    """Views of a 3-D array with random steps (negative too), transposes and broadcasts."""
+    base = np.arange(4 * 5 * 6, dtype=draw(st.sampled_from([np.float64, np.float32, np.int16])))
+    v = base.reshape(4, 5, 6)
+    key = tuple(slice(draw(st.integers(0, n - 1)), None, draw(st.sampled_from([-3, -2, -1, 1, 2])))
+                for n in v.shape)
+    v = v[key].transpose(draw(st.permutations([0, 1, 2])))
+    if draw(st.booleans()):
+        v = np.broadcast_to(v[:, :1], (v.shape[0], 3, v.shape[2]))  # a stride-0 axis
+    return v
+
+
+@given(strided_views())
+def test_byte_extent_equals_numpy_byte_bounds(v):
+    """byte_extent (chapter 1) against NumPy's own byte_bounds, an independent implementation."""
+    byte_bounds = pytest.importorskip("numpy.lib.array_utils").byte_bounds
+    start = v.__array_interface__["data"][0]
+    lo, hi = byte_extent(v.shape, v.strides, v.itemsize)
+    assert (start + lo, start + hi) == byte_bounds(v)
+
+
+MODULES = {"memory": "Chapter 1", "windows": "Chapter 2", "conv": "Chapter 3"}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_docstring_names_its_chapter(module):
+    import importlib
+
+    doc = importlib.import_module(f"convbook.{module}").__doc__
+    assert doc.startswith(MODULES[module] + ":"), doc
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_public_functions_are_typed(module):
+    """Every public function of chapters 1-3 annotates each parameter and its return."""
+    import importlib
+    import inspect
+
+    mod = importlib.import_module(f"convbook.{module}")
+    functions = [(n, f) for n in mod.__all__ if inspect.isfunction(f := getattr(mod, n))]
+    for cls in [getattr(mod, n) for n in mod.__all__ if inspect.isclass(getattr(mod, n))]:
+        functions += [(f"{cls.__name__}.{n}", f) for n, f in vars(cls).items()
+                      if inspect.isfunction(f) and not n.startswith("_")]
+    assert functions
+    for name, f in functions:
+        sig = inspect.signature(f)
+        untyped = [p for p in sig.parameters.values()
+                   if p.annotation is inspect.Parameter.empty and p.name != "self"]
+        assert not untyped, f"{module}.{name}: untyped {[p.name for p in untyped]}"
+        assert sig.return_annotation is not inspect.Signature.empty, f"{module}.{name}: return"
 
 
 def test_public_names():
