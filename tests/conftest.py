@@ -164,6 +164,7 @@ EMNIST_FILES = (
     "emnist-bymerge-test-images-idx3-ubyte.gz", "emnist-bymerge-test-labels-idx1-ubyte.gz",
     "emnist-mnist-test-images-idx3-ubyte.gz", "emnist-mnist-test-labels-idx1-ubyte.gz",
     "emnist-balanced-test-labels-idx1-ubyte.gz", "emnist-letters-test-labels-idx1-ubyte.gz",
+    "emnist-byclass-test-labels-idx1-ubyte.gz",
 )
 EMNIST_HOWTO = (
     "download the official archive https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip, unzip it, and "

@@ -15,7 +15,17 @@ sys.path.insert(0, str(ROOT / "_ext"))
 from nbdev_directives import strip_directives  # noqa: E402
 
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
-PAGES = [TOC["root"]] + [p["file"] for c in TOC.get("chapters", []) for p in [c, *c.get("sections", [])]]
+
+
+def _toc_files(entries) -> list[str]:
+    out = []
+    for e in entries or []:
+        out += [e["file"], *_toc_files(e.get("sections"))]
+    return out
+
+
+ALL_PAGES = [TOC["root"]] + [f for part in TOC.get("parts", [TOC]) for f in _toc_files(part.get("chapters"))]
+PAGES = [p for p in ALL_PAGES if (ROOT / f"{p}.ipynb").exists()]  # the notebooks
 CHAPTERS = [p for p in PAGES if p != TOC["root"]]
 DIRECTIVE = re.compile(r"^\s*#\s*\|", re.M)
 
