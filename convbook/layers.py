@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
 from typing import Optional, Union
 
 import numpy as np
 
 from .backward import bias_grad, conv2d_backward
 from .conv import conv2d, resolve_padding
-from .pool import PoolPair, _lowest, pool_args, pool_geometry
+from .pool import PoolPair, PoolSpec, _lowest, pool_args, pool_geometry
 from .windows import as_pair, pad2d
 
 IntPair = Union[int, tuple[int, int], list[int]]
@@ -68,7 +69,7 @@ def float_dtype(dtype) -> np.dtype:
     return dt
 
 
-def check_rng(rng, method: str = "standard_normal"):
+def check_rng(rng, method: str = "standard_normal") -> np.random.Generator:
     """`rng`, or a fresh `np.random.default_rng()` for None; `TypeError` unless it has
     `method` (a `np.random.Generator` has them all)."""
     if rng is None:
@@ -78,7 +79,7 @@ def check_rng(rng, method: str = "standard_normal"):
     return rng
 
 
-def plain(value):
+def plain(value: object) -> object:
     """`value` in JSON's terms: NumPy scalars as Python numbers, tuples as lists."""
     if isinstance(value, (tuple, list)):
         return [plain(v) for v in value]
@@ -245,7 +246,7 @@ class MaxPool2d(Layer):
         )
 
 # %% ../book/07b_layers.ipynb #b6e9c1f2
-def _pairs_apply(spec) -> bool:
+def _pairs_apply(spec: PoolSpec) -> bool:
     """Whether the fast path fits: 2x2 windows, stride 2, no padding or dilation, and
     floor mode's output (ceil mode on an odd size adds windows it cannot do)."""
     a, (h, w) = spec.args, spec.in_hw
@@ -253,7 +254,7 @@ def _pairs_apply(spec) -> bool:
     return plain_2x2 and a.padding == (0, 0) and spec.out_hw == (h // 2, w // 2)
 
 
-def _pairs_forward(x: np.ndarray, spec) -> tuple[np.ndarray, tuple]:
+def _pairs_forward(x: np.ndarray, spec: PoolSpec) -> tuple[np.ndarray, tuple]:
     """2x2 max pool as the larger of each pair of columns, then of each pair of rows.
 
     Returns y `(N, H_out, W_out, C)` and, as 0 / -1, where the second of each pair won:
@@ -289,7 +290,7 @@ def _pairs_backward(dy: np.ndarray, state: tuple, x_shape) -> np.ndarray:
     return dx
 
 # %% ../book/07b_layers.ipynb #3a7d5e80
-def _tap_slices(spec):
+def _tap_slices(spec: PoolSpec) -> Iterator[tuple[int, tuple[slice, ...]]]:
     """`(t, index)` for every kernel tap t: `xp[index]` is the strided view of the
     padded input that holds tap t of every window, `(N, H_out, W_out, C)`."""
     (kh, kw), (sh, sw), _, (dh, dw), _ = spec.args
@@ -300,7 +301,7 @@ def _tap_slices(spec):
         yield t, (slice(None), rows, slice(b * dw, b * dw + sw * (wo - 1) + 1, sw))
 
 
-def _first_inside(spec, n: int, c: int) -> np.ndarray:
+def _first_inside(spec: PoolSpec, n: int, c: int) -> np.ndarray:
     """`(N, H_out, W_out, C)`: each window's first tap inside the image."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), _ = spec.args
     ho, wo = spec.out_hw
@@ -311,7 +312,7 @@ def _first_inside(spec, n: int, c: int) -> np.ndarray:
     return np.broadcast_to(first[None, :, :, None], (n, ho, wo, c)).astype(dtype)
 
 
-def _taps_forward(x: np.ndarray, spec) -> tuple[np.ndarray, tuple]:
+def _taps_forward(x: np.ndarray, spec: PoolSpec) -> tuple[np.ndarray, tuple]:
     """Any geometry: a running maximum `best` and arg-max `arg` over the taps, in
     row-major order. Returns y and `(arg, padded shape)`."""
     xp = pad2d(x, spec.pads, value=_lowest(x.dtype))
@@ -328,7 +329,7 @@ def _taps_forward(x: np.ndarray, spec) -> tuple[np.ndarray, tuple]:
     return best, (arg, xp.shape)
 
 
-def _taps_backward(dy: np.ndarray, state: tuple, spec) -> np.ndarray:
+def _taps_backward(dy: np.ndarray, state: tuple, spec: PoolSpec) -> np.ndarray:
     """Tap by tap, add `dy` where that tap is the arg-max; crop the padding."""
     arg, padded_shape = state
     dxp = np.zeros(padded_shape, dy.dtype)
@@ -398,7 +399,9 @@ class Dropout(Layer):
     """Inverted dropout: in training, zero each activation with probability `p` and
     scale the rest by 1/(1-p)."""
 
-    def __init__(self, p: float = 0.5, *, rng: Optional[np.random.Generator] = None):
+    def __init__(
+        self, p: float = 0.5, *, rng: Optional[np.random.Generator] = None
+    ) -> None:
         super().__init__()
         if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
             raise TypeError(f"p must be a number, got {p!r}")

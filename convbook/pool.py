@@ -9,6 +9,7 @@ import numbers
 from typing import NamedTuple, Optional, Union
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .backward import col2im
 from .windows import as_pair, check_array, pad2d, windows
@@ -19,7 +20,7 @@ PoolPair = Union[int, tuple[int], tuple[int, int], list[int]]
 __all__ = ['PoolPair', 'pool_pair', 'PoolArgs', 'pool_args', 'pool_out_size', 'PoolSpec', 'pool_geometry', 'max_pool2d',
            'avg_divisor', 'avg_pool2d', 'max_pool2d_backward', 'avg_pool2d_backward']
 
-# %% ../book/05b_pooling.ipynb #5c8327f8
+# %% ../book/05b_pooling.ipynb #ff22e0d9
 def pool_pair(value: PoolPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
     """`(height, width)` from an int, a 1-tuple or a pair, the forms PyTorch's pooling
     accepts; each an int `>= minimum`.
@@ -74,7 +75,7 @@ def pool_args(
         )
     return PoolArgs(kernel, stride, padding, dilation, _as_flag(ceil_mode, "ceil_mode"))
 
-# %% ../book/05b_pooling.ipynb #fdee175e
+# %% ../book/05b_pooling.ipynb #62fea044
 def pool_out_size(
     size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
 ) -> int:
@@ -90,7 +91,7 @@ def pool_out_size(
         out -= 1
     return out
 
-# %% ../book/05b_pooling.ipynb #b613df42
+# %% ../book/05b_pooling.ipynb #26b20c91
 class PoolSpec(NamedTuple):
     """A validated pooling problem: the arguments, the input's `(H, W)` and the output's
     `(H_out, W_out)`."""
@@ -111,8 +112,8 @@ class PoolSpec(NamedTuple):
             pads.append((p, max(p, span - self.in_hw[ax] - p)))
         return tuple(pads)
 
-# %% ../book/05b_pooling.ipynb #4b581161
-def _check_windows_see_image(args: PoolArgs, in_hw, out_hw) -> None:
+# %% ../book/05b_pooling.ipynb #33efc1b1
+def _check_windows_see_image(args: PoolArgs, in_hw: tuple, out_hw: tuple) -> None:
     """Raise `ValueError` if some window has all its taps outside the image."""
     for ax, name in enumerate(("height", "width")):
         start = np.arange(out_hw[ax]) * args.stride[ax] - args.padding[ax]
@@ -126,7 +127,7 @@ def _check_windows_see_image(args: PoolArgs, in_hw, out_hw) -> None:
 
 
 def pool_geometry(
-    x,
+    x: ArrayLike,
     kernel: PoolPair,
     stride: Optional[PoolPair] = None,
     padding: PoolPair = 0,
@@ -159,7 +160,7 @@ def pool_geometry(
     _check_windows_see_image(args, x.shape[1:3], out_hw)
     return x, PoolSpec(args, x.shape[1:3], out_hw)
 
-# %% ../book/05b_pooling.ipynb #821a532d
+# %% ../book/05b_pooling.ipynb #25625281
 def _lowest(dtype) -> Union[float, int]:
     """What max pooling pads with: -inf, or the minimum of an integer type."""
     return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
@@ -200,7 +201,7 @@ def max_pool2d(
     (top, _), (left, _) = spec.pads
     return y, ((rows - top) * x.shape[2] + (cols - left)).astype(np.int64)
 
-# %% ../book/05b_pooling.ipynb #37c54c3f
+# %% ../book/05b_pooling.ipynb #75606018
 def avg_divisor(
     spec: PoolSpec,
     count_include_pad: bool = True,
