@@ -30,10 +30,12 @@ __all__ = ['AT_INFINITY', 'INTERPOLATION_POINTS', 'WINOGRAD', 'WINOGRAD_TILE_BYT
 # %% ../book/09_winograd.ipynb #504864dd
 AT_INFINITY = math.inf  # the point at infinity: a polynomial's leading coefficient
 
+
 INTERPOLATION_POINTS = {  # F(m, 3): m + 2 distinct points
     2: (0, 1, -1, AT_INFINITY),  # Lavin & Gray's
     4: (0, 1, -1, Fraction(1, 2), -2, AT_INFINITY),  # Lavin & Gray: 2, not 1/2
 }
+
 
 class Winograd(NamedTuple):
     """The matrices of F(m, r): `y = AT @ ((G @ g) * (BT @ d))` for a signal tile `d`
@@ -66,6 +68,7 @@ def evaluation_matrix(points: Sequence, k: int) -> list[list[Fraction]]:
             rows.append([Fraction(p) ** j for j in range(k)])
     return rows
 
+
 def _inverse(a: list[list[Fraction]]) -> list[list[Fraction]]:
     """Exact inverse of a square matrix of fractions (Gauss-Jordan)."""
     n = len(a)
@@ -94,6 +97,7 @@ def _integer_rows(bt: list, g: list) -> None:
         bt[j] = [v * s for v in row]
         g[j] = [v / s for v in g[j]]
 
+
 def toom_cook(m: int, r: int = 3, points: Optional[Sequence] = None) -> Winograd:
     """The Winograd (Toom-Cook) matrices of F(m, r) from `m + r - 1` distinct points
     (default `INTERPOLATION_POINTS[m]`), computed exactly with fractions.
@@ -115,7 +119,9 @@ def toom_cook(m: int, r: int = 3, points: Optional[Sequence] = None) -> Winograd
 # %% ../book/09_winograd.ipynb #99651dcd
 WINOGRAD = {m: toom_cook(m) for m in INTERPOLATION_POINTS}  # F(2, 3) and F(4, 3)
 
+
 WINOGRAD_TILE_BYTES = 6 * 2**20  # workspace of one group of tiles
+
 
 def check_winograd(spec: ConvSpec) -> None:
     """Raise `ValueError` unless Winograd's F(m x m, 3 x 3) can compute `spec`: a 3x3
@@ -140,6 +146,7 @@ def copy_pixels(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst.view(pixel), src.view(pixel))
     else:
         np.copyto(dst, src)
+
 
 def fill_block(x: np.ndarray, i0: int, i1: int, top: int, left: int, buf: np.ndarray):
     """Copy rows `[top, top + R)` and columns `[left, left + W)` of images `[i0, i1)`
@@ -180,6 +187,7 @@ def plan_winograd(spec: ConvSpec, m: int, cap: int = WINOGRAD_TILE_BYTES):
         return max(1, min(batch, cap // (th * per_row))), th
     return 1, max(1, min(th, cap // per_row))
 
+
 class _Tiles(NamedTuple):
     """One group of tiles: images `[i0, i1)`, tile rows `[r0, r1)`, `tw` tiles a row."""
 
@@ -192,6 +200,7 @@ class _Tiles(NamedTuple):
     @property
     def count(self) -> int:
         return (self.i1 - self.i0) * (self.r1 - self.r0) * self.tw
+
 
 def _tile_groups(spec: ConvSpec, m: int, cap: int):
     """The groups of tiles that cover the output once, in order."""
@@ -208,6 +217,7 @@ def transform_kernel(w: np.ndarray, wg: Winograd) -> np.ndarray:
     w `(3, 3, C_in, C_out)` -> `(n^2, C_in, C_out)`."""
     kron = np.kron(wg.G, wg.G).astype(w.dtype)
     return (kron @ w.reshape(9, -1)).reshape(wg.n**2, *w.shape[2:])
+
 
 def _input_tiles(x, spec, wg: Winograd, g: _Tiles, bufs: dict) -> np.ndarray:
     """`B^T d B` of every `n x n` input tile of group `g`: `(n^2, tiles, C_in)`.
@@ -226,6 +236,7 @@ def _input_tiles(x, spec, wg: Winograd, g: _Tiles, bufs: dict) -> np.ndarray:
     u = kron_apply(bufs["BT"], tiles, _front(bufs["U"], (n * n, p * c)), bufs["tmp"])
     return u.reshape(n * n, p, c)
 
+
 def kron_apply(a: np.ndarray, x: np.ndarray, out: np.ndarray, tmp: np.ndarray):
     """`kron(a, a) @ x` in two products with `a` instead of one with the Kronecker
     matrix: a `(j, k)`, x `(k * k, cols)` -> out `(j * j, cols)`; `tmp` holds
@@ -237,9 +248,11 @@ def kron_apply(a: np.ndarray, x: np.ndarray, out: np.ndarray, tmp: np.ndarray):
     np.matmul(a, half.reshape(j, k, cols), out=out.reshape(j, j, cols))
     return out
 
+
 def _front(buf: np.ndarray, shape: tuple) -> np.ndarray:
     """The first `prod(shape)` numbers of a flat buffer, as a C-contiguous view."""
     return buf[: math.prod(shape)].reshape(shape)
+
 
 def _winograd_buffers(spec: ConvSpec, wg: Winograd, cap: int, c_out: int) -> dict:
     """The reused workspace of one group and the transform matrices in the dtype."""
@@ -272,6 +285,7 @@ def _output_tiles(mprod: np.ndarray, y: np.ndarray, wg: Winograd, g: _Tiles, buf
     full = out.reshape(m, m, k, nr, g.tw, c_out).transpose(2, 3, 0, 4, 1, 5)
     full = full.reshape(k, nr * m, g.tw * m, c_out)
     copy_pixels(y[g.i0 : g.i1, g.r0 * m : g.r0 * m + hr], full[:, :hr, :wo])
+
 
 def winograd_conv2d(
     x: np.ndarray,
@@ -309,6 +323,7 @@ def _output_grad_tiles(dy: np.ndarray, wg: Winograd, g: _Tiles, bufs) -> np.ndar
     copy_pixels(tiles.reshape(m, m, k, nr, g.tw, c_out), rows6)
     out = _front(bufs["M"], (wg.n**2, p * c_out))
     return kron_apply(bufs["A"], tiles, out, bufs["tmp"]).reshape(wg.n**2, p, c_out)
+
 
 def winograd_weight_grad(
     dy: np.ndarray,
@@ -355,6 +370,7 @@ def _phase_axis(size: int, out: int, k: int, s: int, pad: int, d: int, rho: int)
     span = (len(taps) - 1) * step
     return taps[::-1], step, -start, rows + span - (out - start)
 
+
 def _signed_pad(d: np.ndarray, pads) -> tuple[np.ndarray, tuple]:
     """Crop `d` `(N, H, W, C)` where `pads` `((top, bottom), (left, right))` is
     negative (a view); return it and the remaining non-negative padding."""
@@ -379,6 +395,7 @@ def _grad_phases(spec: ConvSpec):
                 pads = ((ph[2], ph[3]), (pw[2], pw[3]))
                 yield rho, sigma, (ph[0], pw[0]), pads, (ph[1], pw[1])
 
+
 def input_grad_phases(
     dy: np.ndarray, w: np.ndarray, spec: ConvSpec, forward
 ) -> np.ndarray:
@@ -395,6 +412,7 @@ def input_grad_phases(
         d, sub, _, dspec = conv_spec(d, sub, padding=pads, dilation=dil)
         copy_pixels(dx[:, rho::sh, sigma::sw], forward(d, sub, dspec))
     return dx
+
 
 def _grad_phase_specs(spec: ConvSpec):
     """The specs of the stride-1 convolutions of `input_grad_phases`."""
@@ -419,6 +437,7 @@ def _dilation_phase(size: int, before: int, after: int, d: int, rho: int):
         return None
     return first, top, length - top - rows
 
+
 def _dilated_phases(spec: ConvSpec):
     """The `d_h * d_w` sub-problems of a dilated stride-1 convolution: for each output
     phase `(rho, sigma)`, the rows and columns of `x` it reads (slices) and their
@@ -434,6 +453,7 @@ def _dilated_phases(spec: ConvSpec):
                 continue
             cut = (slice(ph[0], None, dh), slice(pw[0], None, dw))
             yield rho, sigma, (cut, ((ph[1], ph[2]), (pw[1], pw[2])))
+
 
 def check_stride1(spec: ConvSpec, method: str) -> None:
     """Raise `ValueError` unless `spec` has stride 1 (what `method` needs)."""
@@ -455,6 +475,7 @@ def dilated_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, forward) -> np.
             xs, ws, _, sspec = conv_spec(x[:, rows, cols], w, padding=pads)
             copy_pixels(y[:, rho::dh, sigma::dw], forward(xs, ws, sspec))
     return y
+
 
 def dilated_backward(dy, x, w, spec: ConvSpec, input_grad: bool, backward):
     """`(dx, dw)` of a dilated stride-1 convolution from the `d_h * d_w` sub-problems of
@@ -478,6 +499,7 @@ def dilated_backward(dy, x, w, spec: ConvSpec, input_grad: bool, backward):
 # %% ../book/09_winograd.ipynb #f992b15c
 FFT_TILE_BYTES = 8 * 2**20  # spectra of one tile of images and of the kernel
 
+
 def fft_size(n: int) -> int:
     """The smallest `2^a 3^b 5^c >= n`: a length that pocketfft (NumPy's FFT)
     transforms fast."""
@@ -494,6 +516,7 @@ def fft_size(n: int) -> int:
         p5 *= 5
     return best
 
+
 class FFTPlan(NamedTuple):
     """Output tiles of `rows x cols` pixels computed with FFTs of `lh x lw`, `images`
     images at a time."""
@@ -503,6 +526,7 @@ class FFTPlan(NamedTuple):
     cols: int
     lh: int
     lw: int
+
 
 def _fft_lengths(out: int, span: int) -> list[int]:
     """Candidate FFT lengths for an axis with `out` outputs and a kernel of `span`."""
@@ -526,7 +550,9 @@ class Rates(NamedTuple):
     copy: float = 4.5e-10
     call: float = 1.8e-6
 
+
 RATES = Rates()
+
 
 def _fft_tile_cost(spec: ConvSpec, lh: int, lw: int, rates: Rates = RATES) -> float:
     """Predicted seconds of the FFT method with `lh x lw` transforms."""
@@ -538,6 +564,7 @@ def _fft_tile_cost(spec: ConvSpec, lh: int, lw: int, rates: Rates = RATES) -> fl
     ffts = (c_in + c_out) * lh * lw * math.log2(lh * lw) * rates.fft
     moves = (2 * c_in + 3 * c_out) * lh * lw * rates.copy
     return tiles * (ffts + moves + freqs * c_in * c_out * rates.complex_mac)
+
 
 def plan_fft(spec: ConvSpec, cap: int = FFT_TILE_BYTES) -> FFTPlan:
     """The cheapest transform lengths by `_fft_tile_cost` whose kernel spectrum
@@ -572,6 +599,7 @@ def kernel_spectrum(w: np.ndarray, spec: ConvSpec, lh: int, lw: int) -> np.ndarr
     f = f.reshape(-1, *spec.w_shape[2:])
     return np.conj(f, out=f)
 
+
 def _fft_tiles(spec: ConvSpec, plan: FFTPlan):
     """Tiles `(i0, i1, r0, c0)`: images `[i0, i1)`, output pixels from `(r0, c0)`."""
     n, ho, wo, _ = spec.out_shape
@@ -579,6 +607,7 @@ def _fft_tiles(spec: ConvSpec, plan: FFTPlan):
         for r0 in range(0, ho, plan.rows):
             for c0 in range(0, wo, plan.cols):
                 yield i0, min(n, i0 + plan.images), r0, c0
+
 
 def _spectra(t: np.ndarray) -> np.ndarray:
     """`rfft2` of a block `(k, lh, lw, C)` over its pixels, as `(frequencies, k, C)`."""
@@ -642,6 +671,7 @@ def fft_weight_grad(
 # %% ../book/09_winograd.ipynb #44ff9062
 TAPS_BYTES = 2 * 2**20  # workspace of the direct method, per group of images
 
+
 def taps_conv2d(
     x: np.ndarray, w: np.ndarray, spec: ConvSpec, cap: int = TAPS_BYTES
 ) -> np.ndarray:
@@ -686,6 +716,7 @@ def _winograd_cost(spec: ConvSpec, m: int, rates: Rates = RATES) -> float:
     calls = groups * (n * n + 6) * rates.call
     return moves + transforms + tiles * n * n * c_in * c_out * rates.mac + calls
 
+
 def _im2col_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
     """Predicted seconds of chapter 8's tiled im2col ("fast"): the copy of `KH KW`
     numbers per input channel and output pixel, and one product of inner dimension
@@ -698,6 +729,7 @@ def _im2col_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
         return pixels * depth * c_out * rates.mac * narrow  # no copy (fast's shortcut)
     return pixels * depth * (rates.copy + c_out * rates.mac * narrow)
 
+
 def _dilated_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
     """Predicted seconds of `dilated_conv2d`: the best method of each sub-problem and
     the strided copies of the input and the output."""
@@ -707,11 +739,13 @@ def _dilated_cost(spec: ConvSpec, rates: Rates = RATES) -> float:
             total += min(forward_costs(_sub_spec(spec, *sub), rates).values())
     return total
 
+
 def _sub_spec(spec: ConvSpec, cut, pads) -> ConvSpec:
     """The spec of one phase of a dilated convolution (`_dilated_phases`)."""
     n, h, w, c = spec.x_shape
     rows, cols = len(range(h)[cut[0]]), len(range(w)[cut[1]])
     return ConvSpec((n, rows, cols, c), spec.w_shape, (1, 1), pads, (1, 1), spec.dtype)
+
 
 def forward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
     """Predicted seconds of every forward method that can compute `spec`."""
@@ -731,6 +765,7 @@ def forward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
 def _best_forward(spec: ConvSpec, rates: Rates) -> float:
     return min(forward_costs(spec, rates).values())
 
+
 def _weight_grad_costs(spec: ConvSpec, rates: Rates) -> dict[str, float]:
     """Predicted seconds of `dw` alone, per method family."""
     costs = {"fast": _im2col_cost(spec, rates)}
@@ -741,6 +776,7 @@ def _weight_grad_costs(spec: ConvSpec, rates: Rates) -> dict[str, float]:
         p = plan_fft(spec)
         costs["fft"] = _fft_tile_cost(spec, p.lh, p.lw, rates)
     return costs
+
 
 def backward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
     """Predicted seconds of `(dx, dw)` for every backward method that can take `spec`:
@@ -771,6 +807,7 @@ def backward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
 # %% ../book/09_winograd.ipynb #d1b47c14
 F4_MAX_CHANNELS = 256  # auto uses F(4x4, 3x3) in float32 up to this many input channels
 
+
 @functools.lru_cache(maxsize=4096)
 def choose_conv2d(spec: ConvSpec) -> str:
     """The forward method `"auto"` runs for `spec`: the cheapest by `forward_costs`
@@ -780,6 +817,7 @@ def choose_conv2d(spec: ConvSpec) -> str:
         costs.pop("winograd4", None)
     return min(costs, key=costs.get)
 
+
 @functools.lru_cache(maxsize=4096)
 def choose_conv2d_backward(spec: ConvSpec) -> str:
     """The backward method `"auto"` runs for `spec`, by `backward_costs`."""
@@ -788,8 +826,10 @@ def choose_conv2d_backward(spec: ConvSpec) -> str:
         costs.pop("winograd4", None)
     return min(costs, key=costs.get)
 
+
 def _auto(spec: ConvSpec):
     return CONV2D_METHODS.resolve("auto", spec)
+
 
 def _auto_backward(spec: ConvSpec):
     return CONV2D_BACKWARD_METHODS.resolve("auto", spec)
@@ -797,30 +837,36 @@ def _auto_backward(spec: ConvSpec):
 # %% ../book/09_winograd.ipynb #17fa59b5
 USE_IN_AUTO = True  # False: "auto" ignores this chapter's methods (chapter 8's choice)
 
+
 def _picked(name: str, backward: bool = False):
     """`applies(spec)`: true when the cost model picks `name` for `spec`."""
     choose = choose_conv2d_backward if backward else choose_conv2d
     return lambda spec: USE_IN_AUTO and choose(spec) == name
+
 
 @register_conv2d("winograd", priority=200, applies=_picked("winograd"))
 def conv2d_winograd(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="winograd")`: F(2x2, 3x3)."""
     return winograd_conv2d(x, w, spec, 2)
 
+
 @register_conv2d("winograd4", priority=200, applies=_picked("winograd4"))
 def conv2d_winograd4(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="winograd4")`: F(4x4, 3x3)."""
     return winograd_conv2d(x, w, spec, 4)
+
 
 @register_conv2d("fft", priority=200, applies=_picked("fft"))
 def conv2d_fft(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="fft")`: stride 1, any kernel, padding and dilation."""
     return fft_conv2d(x, w, spec)
 
+
 @register_conv2d("dilated", priority=200, applies=_picked("dilated"))
 def conv2d_dilated(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="dilated")`: stride 1; each phase by its `"auto"` method."""
     return dilated_conv2d(x, w, spec, lambda a, b, s: _auto(s)(a, b, s))
+
 
 @register_conv2d("taps", priority=0, applies=lambda spec: False)
 def conv2d_taps(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -841,8 +887,10 @@ def _winograd_backward(m: int):
     convolution of `dy` with the rotated kernel, `dw` by the adjoint transforms."""
     return backward
 
+
 for _name, _m in (("winograd", 2), ("winograd4", 4)):
     register_conv2d_backward(_name, 200, _picked(_name, True))(_winograd_backward(_m))
+
 
 @register_conv2d_backward("fft", priority=200, applies=_picked("fft", True))
 def conv2d_backward_fft(dy, x, w, spec: ConvSpec, input_grad: bool = True):
@@ -852,6 +900,7 @@ def conv2d_backward_fft(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     dx = input_grad_phases(dy, w, spec, fft_conv2d) if input_grad else None
     return dx, fft_weight_grad(dy, x, spec)
 
+
 @register_conv2d_backward("phases", priority=200, applies=_picked("phases", True))
 def conv2d_backward_phases(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     """`(dx, dw)`: `dx` by `input_grad_phases` (any stride; each phase by its `"auto"`
@@ -860,6 +909,7 @@ def conv2d_backward_phases(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     if input_grad:
         dx = input_grad_phases(dy, w, spec, lambda a, b, s: _auto(s)(a, b, s))
     return dx, conv2d_backward_fast(dy, x, w, spec, False)[1]
+
 
 @register_conv2d_backward("dilated", priority=200, applies=_picked("dilated", True))
 def conv2d_backward_dilated(dy, x, w, spec: ConvSpec, input_grad: bool = True):
@@ -882,6 +932,7 @@ def _seconds(fn, repeat: int = 9) -> float:
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
 
 def calibrate(seed: int = 0) -> Rates:
     """Measure the `Rates` of this machine with float32 operations of the sizes the
