@@ -1,17 +1,20 @@
 """convbook.fast: the tiled conv2d and backward against PyTorch with workspaces small enough to force
 every tiling (several images per tile, blocks of rows, one row), both im2col layouts (tap-major for
 C_in <= SMALL_C, pixel-major above), the pointwise shortcut and the stride-1 input gradient by
-convolution; the workspace cap measured with tracemalloc; a deliberately wrong tiling is caught.
+convolution; the workspace cap measured with tracemalloc; a deliberately wrong tiling is caught;
+tiles shared out to several threads (results, determinism, BLAS at one thread inside, the cap, fork).
 
 Tolerances as everywhere: float64 within 1e-10 of the reference's scale, float32 within 2e-5."""
 from __future__ import annotations
 
+import threading
 import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from convbook import fast
 from convbook.conv import conv_spec
@@ -162,3 +165,130 @@ def test_a_wrong_tiling_is_caught(monkeypatch):
     check_fast(x, w, dict(dilation=1, padding=1), 2_000, True, np.float64)  # undetectable here
     with pytest.raises((AssertionError, ValueError)):
         check_fast(x, w, dict(dilation=2, padding=2), 2_000, True, np.float64)
+
+
+# --- tiles on several threads -------------------------------------------------------------------
+
+def _blas_threads():
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("c_in", [1, SMALL_C + 1])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_tiles_on_several_threads_agree_with_pytorch(threads, c_in, stride):
+    """Every path (forward, dw, dx by col2im and by convolution) with the tiles shared out to 1, 2 or
+    3 threads, on problems big enough for several tiles per thread, rows split or whole images."""
+    rng = np.random.default_rng(threads)
+    with threadpool_limits(limits=threads, user_api="blas"):
+        assert fast.tile_threads() == threads
+        for shape in [(13, 17, 15, c_in), (1, 60, 23, c_in)]:  # whole images; one image in row blocks
+            x = rng.standard_normal(shape)
+            w = rng.standard_normal((3, 3, c_in, 6))
+            for cap in (60_000, WORKSPACE_BYTES):
+                check_fast(x, w, dict(stride=stride, padding=1), cap, True, np.float64)
+    assert fast.tile_threads() == max(_blas_threads())
+
+
+def test_parallel_tiles_really_run_on_threads_with_one_blas_thread_each(monkeypatch):
+    """The steps run in worker threads (not the caller's), with BLAS at one thread inside them, and the
+    BLAS thread count is restored afterwards; MIN_PARALLEL_BYTES keeps tiny problems in one thread."""
+    seen = []
+    real = fast._im2col_tile
+
+    def spy(*args):
+        seen.append((threading.get_ident(), max(_blas_threads())))
+        return real(*args)
+
+    monkeypatch.setattr(fast, "_im2col_tile", spy)
+    x = np.random.default_rng(0).standard_normal((32, 20, 20, 8)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    _, _, _, spec = conv_spec(x, w, padding=1)
+    with threadpool_limits(limits=2, user_api="blas"):
+        fast.conv2d_fast(x, w, spec)
+        assert max(_blas_threads()) == 2
+        workers = {ident for ident, _ in seen}
+        assert threading.get_ident() not in workers and len(workers) == 2
+        assert {blas for _, blas in seen} == {1}
+        seen.clear()
+        fast.conv2d_fast(x[:1, :4], w, conv_spec(x[:1, :4], w, padding=1)[3])  # tiny: here
+        assert {ident for ident, _ in seen} == {threading.get_ident()}
+        seen.clear()
+        monkeypatch.setattr(fast, "PARALLEL_TILES", False)
+        assert fast.tile_threads() == 1
+        fast.conv2d_fast(x, w, spec)
+        assert {ident for ident, _ in seen} == {threading.get_ident()}
+
+
+def test_parallel_backward_is_deterministic_and_equals_one_thread():
+    """dw sums per-thread partial sums in a fixed order: the same bits on every run (training
+    reproducibility depends on it); equal to the one-thread result up to rounding."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((48, 14, 14, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 16)).astype(np.float32)
+    _, _, _, spec = conv_spec(x, w, padding=1)
+    dy = rng.standard_normal(spec.out_shape).astype(np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        runs = [conv2d_backward_fast(dy, x, w, spec) for _ in range(4)]
+    for dx, dw in runs[1:]:
+        assert np.array_equal(dx, runs[0][0]) and np.array_equal(dw, runs[0][1])
+    with threadpool_limits(limits=1, user_api="blas"):
+        dx1, dw1 = conv2d_backward_fast(dy, x, w, spec)
+    assert_close(runs[0][1], dw1, np.float32) and assert_close(runs[0][0], dx1, np.float32)
+
+
+def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_rows():
+    """col2im adds each tile's rows into dx, and neighbouring row blocks share halo rows: with
+    by_image every image's blocks are one group, so no two threads add into the same rows."""
+    x = np.zeros((3, 50, 9, 2), np.float32)
+    w = np.zeros((3, 3, 2, 4), np.float32)
+    _, _, _, spec = conv_spec(x, w, padding=1)
+    cap = 3_000  # several row blocks per image
+    assert plan_tiles(spec, cap)[1] < spec.out_shape[1]
+    groups = fast._tile_groups(spec, cap, by_image=True)
+    assert len(groups) == 3 and [t for g in groups for t in g] == list(fast._tiles(spec, cap))
+    for g in groups:
+        assert len({t[0] for t in g}) == 1
+    assert len(fast._tile_groups(spec, cap, by_image=False)) == len(list(fast._tiles(spec, cap)))
+
+
+def test_workspace_with_two_threads_stays_under_the_cap():
+    """Each of T threads gets cap / T bytes, so the total stays under the cap (tracemalloc sees the
+    workers' arrays too)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 56, 56, 64), dtype=np.float32)
+    w = rng.standard_normal((3, 3, 64, 64), dtype=np.float32)
+    _, _, _, spec = conv_spec(x, w, padding=1)
+    dy = rng.standard_normal(spec.out_shape, dtype=np.float32)
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert fast.tile_threads() == 2
+        fwd = _peak_extra(lambda: conv2d_fast(x, w, spec))
+        bwd = _peak_extra(lambda: conv2d_backward_fast(dy, x, w, spec))
+    assert WORKSPACE_BYTES / 4 < fwd <= WORKSPACE_BYTES, fwd
+    assert 0 < bwd <= WORKSPACE_BYTES, bwd
+
+
+def _conv_in_child(queue):
+    x = np.ones((16, 20, 20, 8), np.float32)
+    w = np.ones((3, 3, 8, 4), np.float32)
+    queue.put(float(fast.conv2d_fast(x, w, conv_spec(x, w)[3]).sum()))
+
+
+def test_a_forked_child_can_use_the_tiles_after_the_parent_did():
+    """The parent's worker threads do not exist in a forked child: the pool is made afresh there
+    instead of waiting forever for threads that are gone."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    with threadpool_limits(limits=2, user_api="blas"):
+        x = np.ones((16, 20, 20, 8), np.float32)
+        w = np.ones((3, 3, 8, 4), np.float32)
+        expected = float(fast.conv2d_fast(x, w, conv_spec(x, w)[3]).sum())  # the pool now exists
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_conv_in_child, args=(queue,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0, "the child hung or failed"
+        assert queue.get(timeout=5) == expected
