@@ -222,7 +222,7 @@ class MaxPool2d(Layer):
     def forward(self, x: np.ndarray) -> np.ndarray:
         """x `(N, H, W, C)` -> `(N, H_out, W_out, C)`."""
         x, self.spec = pool_geometry(x, *self.args)
-        self.x_shape = x.shape
+        self.x_shape, self.x_dtype = x.shape, x.dtype
         if _pairs_apply(self.spec):
             y, self.state = _pairs_forward(x, self.spec)
         else:
@@ -230,8 +230,11 @@ class MaxPool2d(Layer):
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        """dy `(N, H_out, W_out, C)` -> dx `(N, H, W, C)`."""
+        """dy `(N, H_out, W_out, C)` -> dx `(N, H, W, C)`, in the dtype of chapter 5b's
+        rule (x's and dy's promoted, an integer x counting as float64)."""
+        x_float = self.x_dtype if self.x_dtype.kind == "f" else np.dtype(np.float64)
         dy = np.asarray(dy)
+        dy = dy.astype(np.result_type(x_float, dy.dtype), copy=False)
         if _pairs_apply(self.spec):
             return _pairs_backward(dy, self.state, self.x_shape)
         return _taps_backward(dy, self.state, self.spec)

@@ -288,6 +288,17 @@ def test_property_catches_a_fast_path_with_the_wrong_tie_order():
         prop()
 
 
+@pytest.mark.parametrize("kernel", [2, 3])
+@pytest.mark.parametrize("x_dtype,dy_dtype", [(np.float64, np.float32), (np.float32, np.float64),
+                                               (np.int16, np.float32), (np.float32, np.float32)])
+def test_max_pool_layer_gradient_dtype_is_chapter_5bs(kernel, x_dtype, dy_dtype):
+    x = np.random.default_rng(0).permutation(2 * 6 * 6 * 3).reshape(2, 6, 6, 3).astype(x_dtype)
+    layer = MaxPool2d(kernel)
+    dy = np.ones(layer.forward(x).shape, dy_dtype)
+    dx, ref = layer.backward(dy), max_pool2d_backward(dy, x, kernel)
+    assert dx.dtype == ref.dtype and np.array_equal(dx, ref)
+
+
 # ---------------------------------------------------------------------------------------------
 # Flatten
 
