@@ -357,3 +357,54 @@ def test_ceil_mode_windows_larger_than_the_image_like_torch():
         assert_close(fwd(x, (4, 6), ceil_mode=True), y_ref, x.dtype)
     with pytest.raises(ValueError, match="kernel"):
         max_pool2d(x, (4, 6))
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch's own samples (OpInfo) for F.max_pool2d and F.avg_pool2d, every one in scope
+
+
+def opinfo_samples(name: str, dtype: torch.dtype):
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    op = next(op for op in op_db if op.name == name and op.variant_test_name == "")
+    return list(op.sample_inputs("cpu", dtype, requires_grad=True))
+
+
+AVG_ARGS = ("kernel", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+MAX_ARGS = ("kernel", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+
+def ours_from_sample(sample, names):
+    """(NHWC x, kernel, keyword arguments for our functions) of an OpInfo sample."""
+    given = {"kernel_size": "kernel"}
+    args = dict(zip(names, sample.args))
+    args.update({given.get(k, k): v for k, v in sample.kwargs.items()})
+    x = sample.input.detach().numpy()
+    x = x[None] if x.ndim == 3 else x
+    return x.transpose(0, 2, 3, 1), args.pop("kernel"), args
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", ["nn.functional.max_pool2d", "nn.functional.avg_pool2d"])
+def test_every_opinfo_sample_equals_torch(name, dtype):
+    kind, names = ("max", MAX_ARGS) if "max" in name else ("avg", AVG_ARGS)
+    fwd, bwd = (max_pool2d, max_pool2d_backward) if kind == "max" else (avg_pool2d, avg_pool2d_backward)
+    samples = opinfo_samples(name, dtype)
+    assert len(samples) > (1000 if kind == "max" else 5)
+    for k, sample in enumerate(samples):
+        x, kernel, kw = ours_from_sample(sample, names)
+        sample.input.grad = None
+        ref = getattr(F, name.split(".")[-1])(sample.input, *sample.args, **sample.kwargs)
+        ref_y = ref[0] if isinstance(ref, tuple) else ref
+        dy = torch.randn(ref_y.shape, dtype=dtype, generator=torch.Generator().manual_seed(k))
+        ref_y.backward(dy)
+        batched = lambda t: (t[None] if t.ndim == 3 else t).detach().numpy().transpose(0, 2, 3, 1)  # noqa: E731
+        y = fwd(x, kernel, **kw)
+        if kw.get("return_indices"):
+            y, idx = y
+            assert np.array_equal(idx, batched(ref[1])), (k, kw)
+        assert_close(y, batched(ref_y), x.dtype)
+        back_kw = {key: v for key, v in kw.items() if key != "return_indices"}
+        dx = bwd(batched(dy), x, kernel, **back_kw)
+        assert dx.dtype == x.dtype
+        assert_close(dx, batched(sample.input.grad), x.dtype)
