@@ -20,7 +20,7 @@ PoolPair = Union[int, tuple[int], tuple[int, int], list[int]]
 __all__ = ['PoolPair', 'pool_pair', 'PoolArgs', 'pool_args', 'pool_out_size', 'PoolSpec', 'pool_geometry', 'max_pool2d',
            'avg_divisor', 'avg_pool2d', 'max_pool2d_backward', 'avg_pool2d_backward']
 
-# %% ../book/05b_pooling.ipynb #ff22e0d9
+# %% ../book/05b_pooling.ipynb #a4725c08
 def pool_pair(value: PoolPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
     """`(height, width)` from an int, a 1-tuple or a pair, the forms PyTorch's pooling
     accepts; each an int `>= minimum`.
@@ -75,7 +75,7 @@ def pool_args(
         )
     return PoolArgs(kernel, stride, padding, dilation, _as_flag(ceil_mode, "ceil_mode"))
 
-# %% ../book/05b_pooling.ipynb #62fea044
+# %% ../book/05b_pooling.ipynb #754a32c8
 def pool_out_size(
     size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
 ) -> int:
@@ -91,7 +91,7 @@ def pool_out_size(
         out -= 1
     return out
 
-# %% ../book/05b_pooling.ipynb #26b20c91
+# %% ../book/05b_pooling.ipynb #8a716a60
 class PoolSpec(NamedTuple):
     """A validated pooling problem: the arguments, the input's `(H, W)` and the output's
     `(H_out, W_out)`."""
@@ -112,7 +112,7 @@ class PoolSpec(NamedTuple):
             pads.append((p, max(p, span - self.in_hw[ax] - p)))
         return tuple(pads)
 
-# %% ../book/05b_pooling.ipynb #33efc1b1
+# %% ../book/05b_pooling.ipynb #e197e835
 def _check_windows_see_image(args: PoolArgs, in_hw: tuple, out_hw: tuple) -> None:
     """Raise `ValueError` if some window has all its taps outside the image."""
     for ax, name in enumerate(("height", "width")):
@@ -160,7 +160,7 @@ def pool_geometry(
     _check_windows_see_image(args, x.shape[1:3], out_hw)
     return x, PoolSpec(args, x.shape[1:3], out_hw)
 
-# %% ../book/05b_pooling.ipynb #25625281
+# %% ../book/05b_pooling.ipynb #a47b9479
 def _lowest(dtype) -> Union[float, int]:
     """What max pooling pads with: -inf, or the minimum of an integer type."""
     return -np.inf if np.issubdtype(dtype, np.floating) else np.iinfo(dtype).min
@@ -201,7 +201,7 @@ def max_pool2d(
     (top, _), (left, _) = spec.pads
     return y, ((rows - top) * x.shape[2] + (cols - left)).astype(np.int64)
 
-# %% ../book/05b_pooling.ipynb #75606018
+# %% ../book/05b_pooling.ipynb #5a787e0f
 def avg_divisor(
     spec: PoolSpec,
     count_include_pad: bool = True,
