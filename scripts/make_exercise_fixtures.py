@@ -1,0 +1,266 @@
+"""Write convbook/assets/exercises.npz: the fixed cases of convbook.exercises, with
+expected results computed by PyTorch.
+
+    python scripts/make_exercise_fixtures.py [--out PATH]
+
+Each exercise gets the hand-picked setups listed below (a baseline, then one feature
+changed at a time: stride, padding, dilation, different height and width values,
+channels, batch, layout, float32, then combinations), so that a check can say "passes
+the cases with stride 1 but fails those with stride 2". The inputs are drawn by the
+exercise's own `make` with a seed fixed per exercise and case; PyTorch computes the
+expected outputs in float64 (float32 inputs are upcast), single-threaded with
+deterministic algorithms. The file stores, for case k of exercise `name`:
+`name/k/setup` (JSON), `name/k/in/<array>` and `name/k/out/<i>`. It holds only plain
+arrays, so it loads with `allow_pickle=False`. tests/test_exercises.py checks that the
+shipped file equals what this script produces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from convbook import exercises
+from convbook.conv import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
+
+SEED = 2026
+OUT = Path(__file__).resolve().parents[1] / "convbook" / "assets" / "exercises.npz"
+
+CONV = dict(
+    n=1,
+    hw=(5, 5),
+    c_in=1,
+    c_out=1,
+    kernel=(3, 3),
+    stride=(1, 1),
+    padding=(0, 0),
+    dilation=(1, 1),
+    dtype="float64",
+    contiguous=True,
+    bias=False,
+)
+POOL = dict(
+    n=1,
+    hw=(4, 4),
+    c_in=1,
+    kernel=(2, 2),
+    stride=None,
+    padding=(0, 0),
+    dtype="float64",
+    contiguous=True,
+    ties=False,
+)
+LINEAR = dict(n=1, n_in=3, n_out=2, dtype="float64", contiguous=True)
+
+
+def conv(**changes) -> dict:
+    return {**CONV, **changes}
+
+
+def pool(**changes) -> dict:
+    return {**POOL, **changes}
+
+
+# Everything at once: a batch, channels, and a different value for H and W everywhere.
+MIXED = dict(
+    n=2, hw=(7, 8), c_in=3, c_out=2, kernel=(3, 2), stride=(2, 3), dilation=(2, 1)
+)
+# One feature at a time from the baseline, then combinations. No padding: windows.
+UNPADDED = [
+    conv(),
+    conv(hw=(4, 4), kernel=(1, 1)),
+    conv(hw=(7, 7), stride=(2, 2)),
+    conv(hw=(8, 8), stride=(2, 2)),  # the last row and column are read by no window
+    conv(hw=(7, 7), dilation=(2, 2)),
+    conv(hw=(6, 5), kernel=(3, 2), stride=(2, 1)),
+    conv(c_in=3, c_out=2),
+    conv(n=3),
+    conv(contiguous=False),
+    conv(dtype="float32"),
+    conv(**MIXED, contiguous=False),
+]
+PADDED = [
+    conv(padding=(1, 1)),
+    conv(hw=(6, 5), kernel=(3, 2), stride=(2, 1), padding=(1, 0)),
+    conv(**MIXED, padding=(1, 2), dtype="float32"),
+]
+# Windows that share no pixel: a scatter without np.add.at passes these.
+APART = [
+    conv(hw=(6, 6), kernel=(2, 2), stride=(2, 2)),
+    conv(hw=(8, 8), kernel=(2, 2), stride=(3, 3), padding=(1, 1)),
+    conv(hw=(7, 7), kernel=(2, 2), stride=(4, 4), dilation=(2, 2)),
+    conv(n=2, hw=(6, 4), c_in=3, kernel=(2, 2), stride=(2, 2), dtype="float32"),
+]
+POOLS = [
+    pool(),
+    pool(stride=(1, 1)),
+    pool(hw=(7, 7), kernel=(3, 3), stride=(2, 2)),
+    pool(hw=(9, 9), kernel=(3, 3)),
+    pool(hw=(5, 5), padding=(1, 1)),
+    pool(hw=(6, 5), kernel=(3, 2), stride=(2, 1), padding=(1, 0)),
+    pool(c_in=3),
+    pool(n=2),
+    pool(hw=(6, 4), contiguous=False),
+    pool(dtype="float32"),
+    pool(hw=(6, 6), ties=True),
+    pool(hw=(5, 5), stride=(1, 1), ties=True),
+    pool(n=2, hw=(7, 8), c_in=3, kernel=(3, 3), stride=(2, 2), padding=(1, 1)),
+]
+LINEARS = [
+    LINEAR,
+    {**LINEAR, "n": 4},
+    {**LINEAR, "n": 2, "n_out": 3},
+    {**LINEAR, "n": 3, "contiguous": False},
+    {**LINEAR, "n": 2, "dtype": "float32"},
+    {**LINEAR, "n": 5, "n_in": 6, "n_out": 4},
+]
+SETUPS = {
+    "ch2.windows_nchw": UNPADDED,
+    "ch3.conv2d_einsum": UNPADDED
+    + PADDED
+    + [conv(bias=True), PADDED[-1] | {"bias": True}],
+    "ch4.im2col": UNPADDED + PADDED,
+    "ch5.col2im": UNPADDED + PADDED + APART,
+    "ch5.conv2d_backward": UNPADDED + PADDED,
+    "ch5b.max_pool2d_backward": POOLS,
+    "ch6.input_grad": UNPADDED + PADDED,
+    "ch7b.linear": LINEARS,
+}
+
+
+def t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def t_nchw(a: np.ndarray, grad: bool = False) -> torch.Tensor:
+    return t(nhwc_to_nchw(a)).requires_grad_(grad)
+
+
+def nhwc(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(nchw_to_nhwc(x.detach().numpy()))
+
+
+def geometry(s: dict) -> dict:
+    return dict(stride=s["stride"], padding=s["padding"], dilation=s["dilation"])
+
+
+def torch_windows_nchw(a: dict, s: dict) -> tuple:
+    (kh, kw), (sh, sw), (dh, dw) = s["kernel"], s["stride"], s["dilation"]
+    x = t(a["x"])
+    win = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+    return (np.ascontiguousarray(win[..., ::dh, ::dw].numpy()),)
+
+
+def torch_conv2d(a: dict, s: dict) -> tuple:
+    b = t(a["b"]) if "b" in a else None
+    y = F.conv2d(t_nchw(a["x"]), t(hwio_to_oihw(a["w"])), b, **geometry(s))
+    return (nhwc(y),)
+
+
+def torch_im2col(a: dict, s: dict) -> tuple:
+    (kh, kw), c = s["kernel"], s["c_in"]
+    cols = F.unfold(t_nchw(a["x"]), s["kernel"], **geometry(s))  # (N, C*KH*KW, L)
+    n, _, length = cols.shape
+    cols = cols.reshape(n, c, kh, kw, length).permute(0, 4, 2, 3, 1)
+    return (cols.reshape(n * length, kh * kw * c).numpy(),)
+
+
+def torch_col2im(a: dict, s: dict) -> tuple:
+    (kh, kw), c, n = s["kernel"], s["c_in"], s["n"]
+    cols = t(a["cols"]).reshape(n, -1, kh, kw, c).permute(0, 4, 2, 3, 1)
+    cols = cols.reshape(n, c * kh * kw, -1)
+    return (nhwc(F.fold(cols, s["hw"], s["kernel"], **geometry(s))),)
+
+
+def torch_conv2d_grads(a: dict, s: dict) -> tuple:
+    x, w = t_nchw(a["x"], grad=True), t(hwio_to_oihw(a["w"])).requires_grad_()
+    b = torch.zeros(s["c_out"], dtype=torch.float64, requires_grad=True)
+    F.conv2d(x, w, b, **geometry(s)).backward(t_nchw(a["dy"]))
+    dw = np.ascontiguousarray(oihw_to_hwio(w.grad.numpy()))
+    return nhwc(x.grad), dw, b.grad.numpy()
+
+
+def torch_max_pool2d_grad(a: dict, s: dict) -> tuple:
+    x = t_nchw(a["x"], grad=True)
+    F.max_pool2d(x, s["kernel"], s["stride"], s["padding"]).backward(t_nchw(a["dy"]))
+    return (nhwc(x.grad),)
+
+
+def torch_input_grad(a: dict, s: dict) -> tuple:
+    x = torch.zeros(
+        (s["n"], s["c_in"], *s["hw"]), dtype=torch.float64, requires_grad=True
+    )
+    F.conv2d(x, t(hwio_to_oihw(a["w"])), **geometry(s)).backward(t_nchw(a["dy"]))
+    return (nhwc(x.grad),)
+
+
+def torch_linear(a: dict, s: dict) -> tuple:
+    x, w = t(a["x"]).requires_grad_(), t(a["w"]).requires_grad_()
+    b = t(a["b"]).requires_grad_()
+    y = F.linear(x, w.T, b)
+    y.backward(t(a["dy"]))
+    return y.detach().numpy(), x.grad.numpy(), w.grad.numpy(), b.grad.numpy()
+
+
+REFERENCES = {
+    "ch2.windows_nchw": torch_windows_nchw,
+    "ch3.conv2d_einsum": torch_conv2d,
+    "ch4.im2col": torch_im2col,
+    "ch5.col2im": torch_col2im,
+    "ch5.conv2d_backward": torch_conv2d_grads,
+    "ch5b.max_pool2d_backward": torch_max_pool2d_grad,
+    "ch6.input_grad": torch_input_grad,
+    "ch7b.linear": torch_linear,
+}
+
+
+def _cases() -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in exercises.names():
+        ex = exercises.get(name)
+        for k, setup in enumerate(SETUPS[name]):
+            rng = np.random.default_rng([SEED, zlib.crc32(name.encode()), k])
+            arrays = ex.make(setup, rng)
+            expected = REFERENCES[name](exercises.as_float64(arrays), setup)
+            out[f"{name}/{k}/setup"] = np.array(json.dumps(setup, sort_keys=True))
+            out.update({f"{name}/{k}/in/{key}": a for key, a in arrays.items()})
+            for i, e in enumerate(expected):
+                out[f"{name}/{k}/out/{i}"] = np.ascontiguousarray(e, dtype=np.float64)
+    return out
+
+
+def build() -> dict[str, np.ndarray]:
+    """Every stored array by key, in a fixed order; PyTorch single-threaded and
+    deterministic meanwhile (its settings are restored afterwards)."""
+    assert set(SETUPS) == set(REFERENCES) == set(exercises.names())
+    threads, deterministic = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _cases()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=OUT, help=f"default: {OUT}")
+    args = parser.parse_args()
+    arrays = build()
+    np.savez_compressed(args.out, **arrays)
+    size = args.out.stat().st_size
+    print(f"wrote {len(arrays)} arrays to {args.out} ({size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()
