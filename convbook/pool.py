@@ -30,11 +30,13 @@ def pool_pair(value: PoolPair, name: str, *, minimum: int = 1) -> tuple[int, int
     """
     if isinstance(value, (tuple, list)) and len(value) == 1:
         value = value[0]
-    elif isinstance(value, (tuple, list)) and len(value) != 2:
-        raise ValueError(
-            f"{name} must be an int or a tuple of one or two ints, got {value!r}"
-        )
-    return as_pair(value, name, minimum=minimum)
+    expected = f"{name} must be an int or a tuple of one or two ints, got {value!r}"
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise ValueError(expected)
+    try:
+        return as_pair(value, name, minimum=minimum)
+    except TypeError:
+        raise TypeError(expected) from None
 
 
 def _as_flag(value, name: str) -> bool:
