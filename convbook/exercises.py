@@ -691,9 +691,9 @@ function_exercise(
     name="ch2.windows_nchw",
     title="Every window of an NCHW batch, as a read-only view",
     difficulty=2,
-    signature="windows_nchw(x, kernel, *, stride=1, dilation=1) -> windows",
+    signature="my_windows_nchw(x, kernel, *, stride=1, dilation=1) -> windows",
     statement=(
-        "PyTorch stores images as NCHW (N, C, H, W). Write windows_nchw(x, kernel, "
+        "PyTorch stores images as NCHW (N, C, H, W). Write my_windows_nchw(x, kernel, "
         "stride=, dilation=) that returns every window of such a batch as a read-only "
         "view (N, C, H_out, W_out, KH, KW) of x, without copying: element "
         "[n, c, i, j, a, b] is x[n, c, i*sh + a*dh, j*sw + b*dw], and H_out = "
@@ -704,7 +704,7 @@ function_exercise(
         "Tensor.unfold; the check also makes sure the result shares memory with x and "
         "is read-only."
     ),
-    stub='''def windows_nchw(x, kernel, *, stride=1, dilation=1):
+    stub='''def my_windows_nchw(x, kernel, *, stride=1, dilation=1):
     """Every window of x (N, C, H, W) as a read-only view (N, C, H_out, W_out, KH, KW).
 
     Element [n, c, i, j, a, b] is x[n, c, i*sh + a*dh, j*sw + b*dw]; kernel, stride
@@ -767,9 +767,9 @@ function_exercise(
     name="ch3.conv2d_einsum",
     title="The forward pass of a convolution in one np.einsum",
     difficulty=1,
-    signature="conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1) -> y",
+    signature="my_conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1) -> y",
     statement=(
-        "Write conv2d_einsum(x, w, b=None, stride=, padding=, dilation=), the forward "
+        "Write my_conv2d_einsum(x, w, b=None, stride=, padding=, dilation=), the "
         "pass of a convolution layer as PyTorch computes it, for x NHWC (N, H, W, "
         "C_in), w HWIO (KH, KW, C_in, C_out) and an optional bias b (C_out,): "
         "y[n, i, j, o] = b[o] + sum over a, b, c of xpad[n, i*sh + a*dh, j*sw + b*dw, "
@@ -780,7 +780,7 @@ function_exercise(
         "np.einsum. Return (N, H_out, W_out, C_out) in the dtype of the inputs. "
         "Checked against F.conv2d."
     ),
-    stub='''def conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1):
+    stub='''def my_conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1):
     """PyTorch's conv2d for x (N, H, W, C_in), w (KH, KW, C_in, C_out) and b (C_out,)
     or None, by one np.einsum; returns y (N, H_out, W_out, C_out)."""
     raise NotImplementedError
@@ -815,19 +815,19 @@ function_exercise(
     name="ch4.im2col",
     title="im2col with strides, padding and dilation",
     difficulty=2,
-    signature="im2col(x, kernel, *, stride=1, padding=0, dilation=1) -> cols",
+    signature="my_im2col(x, kernel, *, stride=1, padding=0, dilation=1) -> cols",
     statement=(
-        "Write im2col(x, kernel, stride=, padding=, dilation=): the im2col matrix of "
-        "an NHWC batch x (N, H, W, C) zero-padded by `padding` on both sides (an int "
-        "or a (height, width) pair), with one row per output pixel and one column per "
-        "kernel tap and channel: shape (N*H_out*W_out, KH*KW*C). Rows go in the "
+        "Write my_im2col(x, kernel, stride=, padding=, dilation=): the im2col matrix "
+        "of an NHWC batch x (N, H, W, C) zero-padded by `padding` on both sides (an "
+        "int or a (height, width) pair), with one row per output pixel and one column "
+        "per kernel tap and channel: shape (N*H_out*W_out, KH*KW*C). Rows go in the "
         "order (n, i, j) of the output, columns in the order (a, b, c), channel "
         "fastest, so that im2col(x, ...) @ w.reshape(KH*KW*C, C_out) is the "
         "convolution: row (n, i, j), column (a, b, c) holds xpad[n, i*sh + a*dh, "
         "j*sw + b*dw, c]. The numbers are only copied, so they must equal the "
         "reference (F.unfold, reordered to this layout) exactly."
     ),
-    stub='''def im2col(x, kernel, *, stride=1, padding=0, dilation=1):
+    stub='''def my_im2col(x, kernel, *, stride=1, padding=0, dilation=1):
     """x (N, H, W, C) -> cols (N*H_out*W_out, KH*KW*C): row (n, i, j), column
     (a, b, c) holds xpad[n, i*sh + a*dh, j*sw + b*dw, c]."""
     raise NotImplementedError
@@ -869,9 +869,10 @@ function_exercise(
     name="ch5.col2im",
     title="col2im, the adjoint of im2col, with np.add.at",
     difficulty=2,
-    signature="col2im(cols, x_shape, kernel, *, stride=1, padding=0, dilation=1) -> x",
+    signature="my_col2im(cols, x_shape, kernel, *, stride=1, padding=0, dilation=1) "
+    "-> x",
     statement=(
-        "Write col2im(cols, x_shape, kernel, stride=, padding=, dilation=), the "
+        "Write my_col2im(cols, x_shape, kernel, stride=, padding=, dilation=), the "
         "adjoint of im2col: cols has im2col's shape (N*H_out*W_out, KH*KW*C) and "
         "order, x_shape is (N, H, W, C). Add every entry of cols onto the pixel of "
         "the padded image that im2col read it from; where windows overlap, a pixel "
@@ -879,7 +880,7 @@ function_exercise(
         "(N, H, W, C) in the dtype of cols. Use np.add.at, which adds every value at a "
         "repeated index (a fancy-indexed += keeps only one). Checked against F.fold."
     ),
-    stub='''def col2im(cols, x_shape, kernel, *, stride=1, padding=0, dilation=1):
+    stub='''def my_col2im(cols, x_shape, kernel, *, stride=1, padding=0, dilation=1):
     """The adjoint of im2col: add each entry of cols (N*H_out*W_out, KH*KW*C) onto the
     pixel it was read from; returns (N, H, W, C), the padding cropped."""
     raise NotImplementedError
@@ -917,10 +918,10 @@ function_exercise(
     name="ch5.conv2d_backward",
     title="The three gradients of a convolution layer",
     difficulty=3,
-    signature="conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1) "
+    signature="my_conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1) "
     "-> (dx, dw, db)",
     statement=(
-        "Write conv2d_backward(dy, x, w, stride=, padding=, dilation=) for y = "
+        "Write my_conv2d_backward(dy, x, w, stride=, padding=, dilation=) for y = "
         "conv2d(x, w, b, ...) of chapter 3: given dy = dL/dy (N, H_out, W_out, C_out), "
         "return the tuple (dx, dw, db) of the gradients with respect to x (N, H, W, "
         "C_in), w (KH, KW, C_in, C_out) and b (C_out,), each in the dtype of the "
@@ -929,7 +930,7 @@ function_exercise(
         "gradient of the unpadded x. Checked against PyTorch's autograd, dx, dw and db "
         "each on its own."
     ),
-    stub='''def conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1):
+    stub='''def my_conv2d_backward(dy, x, w, *, stride=1, padding=0, dilation=1):
     """Gradients of y = conv2d(x, w, b, ...) given dy (N, H_out, W_out, C_out):
     returns (dx, dw, db) shaped like x (N, H, W, C_in), w (KH, KW, C_in, C_out) and
     b (C_out,)."""
@@ -1010,9 +1011,9 @@ function_exercise(
     name="ch5b.max_pool2d_backward",
     title="The gradient of max pooling",
     difficulty=2,
-    signature="max_pool2d_backward(dy, x, kernel, *, stride=None, padding=0) -> dx",
+    signature="my_max_pool2d_backward(dy, x, kernel, *, stride=None, padding=0) -> dx",
     statement=(
-        "Write max_pool2d_backward(dy, x, kernel, stride=None, padding=0), the "
+        "Write my_max_pool2d_backward(dy, x, kernel, stride=None, padding=0), the "
         "gradient of F.max_pool2d(x, kernel, stride, padding) for NHWC x (N, H, W, C) "
         "and dy (N, H_out, W_out, C): each value of dy goes to the position of its "
         "window's maximum, and a pixel that is the maximum of several windows receives "
@@ -1021,7 +1022,7 @@ function_exercise(
         "tie, PyTorch picks the first maximum of the window in row-major order. Return "
         "dx (N, H, W, C) in the dtype of x. Checked against PyTorch's autograd."
     ),
-    stub='''def max_pool2d_backward(dy, x, kernel, *, stride=None, padding=0):
+    stub='''def my_max_pool2d_backward(dy, x, kernel, *, stride=None, padding=0):
     """dx (N, H, W, C) of max_pool2d(x, kernel, stride, padding): each dy value goes to
     its window's first maximum; stride None means the kernel."""
     raise NotImplementedError
@@ -1078,10 +1079,10 @@ function_exercise(
     name="ch6.input_grad",
     title="dx by dilating dy and rotating the kernel",
     difficulty=3,
-    signature="input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1) -> dx",
+    signature="my_input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1) -> dx",
     statement=(
-        "Write input_grad(dy, w, x_hw, stride=, padding=, dilation=): the gradient dx "
-        "(N, H, W, C_in) of conv2d(x, w, stride=, padding=, dilation=) given dy "
+        "Write my_input_grad(dy, w, x_hw, stride=, padding=, dilation=): the gradient "
+        "dx (N, H, W, C_in) of conv2d(x, w, stride=, padding=, dilation=) given dy "
         "(N, H_out, W_out, C_out), w (KH, KW, C_in, C_out) and x_hw = (H, W), "
         "computed as chapter 6 does: insert stride - 1 zeros between the rows and "
         "columns of dy, pad it, and convolve it (stride 1, the layer's dilation) with "
@@ -1090,7 +1091,7 @@ function_exercise(
         "H rows at the bottom (likewise for the width); a negative amount means "
         "cropping. Checked against PyTorch's autograd."
     ),
-    stub='''def input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1):
+    stub='''def my_input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1):
     """dx (N, H, W, C_in) of conv2d(x, w, ...) as a stride-1 convolution of the dilated,
     padded dy (N, H_out, W_out, C_out) with the rotated kernel; x_hw is (H, W)."""
     raise NotImplementedError
@@ -1135,7 +1136,8 @@ def _linear_make(s: Setup, rng: np.random.Generator) -> Arrays:
 
 def _new_layer(cls: Callable, s: Setup) -> Any:
     """`cls(n_in, n_out)`, checked to have `params` "w" and "b" of the right shapes."""
-    layer, made = cls(s["n_in"], s["n_out"]), f"Linear({s['n_in']}, {s['n_out']})"
+    layer = cls(s["n_in"], s["n_out"])
+    made = f"{getattr(cls, '__name__', 'MyLinear')}({s['n_in']}, {s['n_out']})"
     params = getattr(layer, "params", None)
     if not isinstance(params, dict) or not {"w", "b"} <= set(params):
         raise _Mismatch(f"{made}.params should be a dict with keys 'w' and 'b'")
@@ -1180,20 +1182,20 @@ _register(
         name="ch7b.linear",
         title="A Linear layer with forward and backward",
         difficulty=1,
-        signature="Linear(n_in, n_out): forward(x) -> y, backward(dy) -> dx",
+        signature="MyLinear(n_in, n_out): forward(x) -> y, backward(dy) -> dx",
         statement=(
-            "Write a class Linear(n_in, n_out) like convbook.layers.Linear: its dict "
+            "Write a class MyLinear(n_in, n_out) like convbook.layers.Linear: its dict "
             "params holds 'w' (n_in, n_out) and 'b' (n_out,); forward(x) takes x "
             "(N, n_in), remembers what backward needs and returns y = x @ w + b "
             "(N, n_out); backward(dy) takes dy = dL/dy (N, n_out), stores the "
             "gradients in the dict grads under 'w' and 'b', and returns dx (N, n_in). "
-            "The check creates Linear(n_in, n_out), replaces params['w'] and "
+            "The check creates MyLinear(n_in, n_out), replaces params['w'] and "
             "params['b'] by known arrays (so read them from self.params at every "
             "call), runs forward and then backward, and compares y, dx and both "
             "gradients with PyTorch's autograd of F.linear. Nothing it is given may "
             "change: backward computes gradients, it does not update the weights."
         ),
-        stub='''class Linear:
+        stub='''class MyLinear:
     """y = x @ w + b for x (N, n_in), w (n_in, n_out), b (n_out,)."""
 
     def __init__(self, n_in, n_out, *, rng=None):
@@ -1217,7 +1219,7 @@ _register(
         make=_linear_make,
         call=_linear_call,
         show=lambda s: (
-            f"layer = Linear({s['n_in']}, {s['n_out']}); "
+            f"layer = MyLinear({s['n_in']}, {s['n_out']}); "
             "y = layer.forward(x); dx = layer.backward(dy)"
         ),
         reference=_linear_reference,
