@@ -2,19 +2,20 @@
 
 sphinx-exercise numbers exercises like figures; without a numbered table of contents Sphinx keeps one
 counter for the whole book. This extension renumbers each chapter's exercises from 1, prefixed with
-the chapter's number taken from its file name (`book/05b_pooling` -> "5b").
+the chapter's number taken from its file name (`book/05b_pooling` -> "5b", `book/A1_exercises`
+-> "A1").
 """
 from __future__ import annotations
 
 import re
 
-_CHAPTER = re.compile(r"(?:.*/)?0*(\d+)([a-z]?)_[^/]*$")
+_CHAPTER = re.compile(r"(?:.*/)?([A-Z]?)0*(\d+)([a-z]?)_[^/]*$")
 
 
 def chapter_of(docname: str) -> str | None:
     """The chapter number of a document name, or None for pages that are not chapters."""
     m = _CHAPTER.match(docname)
-    return f"{m.group(1)}{m.group(2)}" if m else None
+    return "".join(m.groups()) if m else None
 
 
 def renumber_exercises(app, env) -> list[str]:

@@ -5,30 +5,74 @@
 # %% ../book/05_backward.ipynb #a9da3b3a
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .conv import ConvSpec, MethodRegistry, conv_spec, padded, resolve_padding
+from convbook.conv import (
+    ConvPadding,
+    ConvSpec,
+    MethodRegistry,
+    conv_spec,
+    group_spec,
+    padded,
+    resolve_padding,
+)
 from .im2col import im2col, im2col_indices
 from .windows import IntPair, as_pair, check_array, out_size
 
 # %% auto #0
-__all__ = ['CONV2D_BACKWARD_METHODS', 'register_conv2d_backward', 'conv2d_backward_methods', 'bias_grad', 'conv2d_backward',
-           'unpad', 'conv2d_backward_naive', 'check_shape', 'col2im', 'conv2d_backward_col2im']
+__all__ = ['CONV2D_BACKWARD_METHODS', 'conv2d_backward_per_group', 'register_conv2d_backward', 'conv2d_backward_methods',
+           'bias_grad', 'conv2d_backward', 'unpad', 'conv2d_backward_naive', 'check_shape', 'col2im',
+           'conv2d_backward_col2im']
 
 # %% ../book/05_backward.ipynb #b0d254ea
+def conv2d_backward_per_group(
+    fn: Callable,
+    dy: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray,
+    spec: ConvSpec,
+    input_grad: bool = True,
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """The gradients of a grouped convolution by a method that knows no groups: one
+    call per group, on its input channels, output channels and slice of `w`; `dx` and
+    `dw` are concatenated along their channel axes (section 3a)."""
+    sub = group_spec(spec)
+    cg, og = sub.w_shape[2:]
+    parts = [
+        fn(
+            dy[..., k * og : (k + 1) * og],
+            x[..., k * cg : (k + 1) * cg],
+            w[..., k * og : (k + 1) * og],
+            sub,
+            input_grad,
+        )
+        for k in range(spec.groups)
+    ]
+    dx = np.concatenate([p[0] for p in parts], axis=3) if input_grad else None
+    return dx, np.concatenate([p[1] for p in parts], axis=3)
+
+
 # name -> function(dy, x, w, spec, input_grad) -> (dx, dw), with a priority for "auto"
-CONV2D_BACKWARD_METHODS = MethodRegistry("conv2d_backward")
+CONV2D_BACKWARD_METHODS = MethodRegistry(
+    "conv2d_backward", per_group=conv2d_backward_per_group
+)
 
 # %% ../book/05_backward.ipynb #e99fdc57
 def register_conv2d_backward(
-    name: str, priority: int = 0, applies: Callable | None = None
-):
+    name: str,
+    priority: int = 0,
+    applies: Callable | None = None,
+    groups: bool = False,
+) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(dy, x, w, spec, input_grad) -> (dx, dw)` available as
     `conv2d_backward(..., method=name)`; `dx` is None when `input_grad` is false.
-    `"auto"` picks the highest priority among methods whose `applies(spec)` holds."""
-    return CONV2D_BACKWARD_METHODS.register(name, priority, applies)
+    `"auto"` picks the highest priority among methods whose `applies(spec)` holds; a
+    method without `groups=True` is run once per group on grouped problems."""
+    return CONV2D_BACKWARD_METHODS.register(name, priority, applies, groups)
 
 # %% ../book/05_backward.ipynb #4f0f1e60
 def conv2d_backward_methods() -> list[str]:
@@ -51,27 +95,29 @@ def bias_grad(dy: np.ndarray) -> np.ndarray:
 
 
 def conv2d_backward(
-    dy,
-    x,
-    w,
+    dy: ArrayLike,
+    x: ArrayLike,
+    w: ArrayLike,
     *,
-    stride=1,
-    padding=0,
-    dilation=1,
+    stride: IntPair = 1,
+    padding: ConvPadding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
     method: str = "auto",
     input_grad: bool = True,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Gradients of `y = conv2d(x, w, b, stride=, padding=, dilation=)` given
+    """Gradients of `y = conv2d(x, w, b, stride=, padding=, dilation=, groups=)` given
     `dy = dL/dy`.
 
-    dy: `(N, H_out, W_out, C_out)`, x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`.
-    Returns `(dx, dw, db)` with the shapes of `x`, `w` and `(C_out,)`, in the common
-    floating dtype. method: `"auto"` or one of `conv2d_backward_methods()`.
-    `input_grad=False` skips `dx` and returns None in its place.
+    dy: `(N, H_out, W_out, C_out)`, x: `(N, H, W, C_in)`,
+    w: `(KH, KW, C_in // groups, C_out)`. Returns `(dx, dw, db)` with the shapes of `x`,
+    `w` and `(C_out,)`, in the common floating dtype. method: `"auto"` or one of
+    `conv2d_backward_methods()`. `input_grad=False` skips `dx` and returns None in its
+    place.
     """
     CONV2D_BACKWARD_METHODS.check(method)
     x, w, _, spec = conv_spec(
-        x, w, None, stride=stride, padding=padding, dilation=dilation
+        x, w, None, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     dy = check_array(dy, "dy", 4, "(N, H_out, W_out, C_out)")
     if dy.shape != spec.out_shape:
@@ -81,9 +127,7 @@ def conv2d_backward(
     dtype = np.result_type(spec.dtype, dy.dtype)
     if dtype != spec.dtype:
         x, w = x.astype(dtype), w.astype(dtype)
-        spec = ConvSpec(
-            spec.x_shape, spec.w_shape, spec.stride, spec.padding, spec.dilation, dtype
-        )
+        spec = replace(spec, dtype=dtype)
     dy = dy.astype(dtype, copy=False)
     fn = CONV2D_BACKWARD_METHODS.resolve(method, spec)
     dx, dw = fn(dy, x, w, spec, bool(input_grad))

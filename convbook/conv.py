@@ -5,13 +5,15 @@
 # %% ../book/03_einsum.ipynb #1e056814
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal, Optional, Union
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from convbook.windows import (
+    MAX_INT,
     IntPair,
     Padding,
     as_pair,
@@ -27,14 +29,14 @@ ConvPadding = Union[Padding, Literal["valid", "same"]]
 
 # %% auto #0
 __all__ = ['ConvPadding', 'Applies', 'CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'conv_spec', 'padded', 'MethodRegistry',
-           'register_conv2d', 'conv2d_methods', 'add_bias', 'conv2d', 'conv2d_naive', 'conv2d_einsum', 'nhwc_to_nchw',
-           'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
+           'group_spec', 'conv2d_per_group', 'register_conv2d', 'conv2d_methods', 'add_bias', 'conv2d', 'conv2d_naive',
+           'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
 
 # %% ../book/03_einsum.ipynb #c9d6181c
 @dataclass(frozen=True)
 class ConvSpec:
     """A validated convolution: shapes, stride, explicit padding `((top, bottom), (left,
-    right))`, dilation, dtype.
+    right))`, dilation, dtype, and the number of channel groups.
     """
 
     x_shape: tuple[int, int, int, int]
@@ -43,6 +45,7 @@ class ConvSpec:
     padding: tuple[tuple[int, int], tuple[int, int]]
     dilation: tuple[int, int]
     dtype: np.dtype
+    groups: int = 1  # w is (KH, KW, C_in // groups, C_out); section 3a
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -88,17 +91,35 @@ def resolve_padding(
     return as_padding(padding)
 
 
-def _check_shapes(x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray]) -> None:
-    """Raise unless b is `(C_out,)`, x and w have the same C_in and w is not empty."""
+def _check_groups(groups: object) -> int:
+    """`groups` as an int >= 1, or a `TypeError`/`ValueError` naming it."""
+    if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
+        raise TypeError(f"groups must be an int >= 1, got {groups!r}")
+    if not 1 <= groups <= MAX_INT:
+        raise ValueError(f"groups must be an int >= 1, got {groups!r}")
+    return int(groups)
+
+
+def _check_shapes(
+    x: np.ndarray, w: np.ndarray, b: Optional[np.ndarray], groups: int = 1
+) -> None:
+    """Raise unless b is `(C_out,)`, w is not empty, and x's `C_in` channels split into
+    `groups` groups of w's `C_in // groups` input channels (and `C_out` divides too)."""
     if b is not None and b.shape[0] != w.shape[3]:
         raise ValueError(f"b must have shape (C_out,) = ({w.shape[3]},), got {b.shape}")
-    if x.shape[3] != w.shape[2]:
+    if 0 in w.shape:
+        raise ValueError(f"w must have no empty axis, got shape {w.shape}")
+    if groups == 1 and x.shape[3] != w.shape[2]:
         raise ValueError(
             f"channel mismatch: x has C_in = {x.shape[3]} channels (its last axis) "
             f"but w expects C_in = {w.shape[2]} (axis 2 of (KH, KW, C_in, C_out))"
         )
-    if 0 in w.shape:
-        raise ValueError(f"w must have no empty axis, got shape {w.shape}")
+    if groups > 1 and (x.shape[3] != groups * w.shape[2] or w.shape[3] % groups):
+        raise ValueError(
+            f"channel mismatch for groups={groups}: x has C_in = {x.shape[3]} channels "
+            f"and w has shape {w.shape}, but grouped w must be (KH, KW, C_in // groups, "
+            f"C_out) with C_in and C_out multiples of groups"
+        )
 
 
 def _check_fits(spec: ConvSpec) -> None:
@@ -122,11 +143,13 @@ def conv_spec(
     stride: IntPair = 1,
     padding: ConvPadding = 0,
     dilation: IntPair = 1,
+    groups: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], ConvSpec]:
     """Validate the arguments of `conv2d`; return `(x, w, b, spec)` with the arrays cast
     to the output dtype.
 
-    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`, b: `(C_out,)` or None. padding:
+    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in // groups, C_out)`, b: `(C_out,)` or None.
+    padding:
     int, pair, `((top, bottom), (left, right))`, `"valid"` or `"same"` (stride 1 only;
     an odd total puts the extra pixel at the bottom/right, as PyTorch does). Raises
     `TypeError`/`ValueError` naming the argument.
@@ -134,13 +157,14 @@ def conv_spec(
     x = check_array(x, "x", 4, "NHWC (N, H, W, C_in)")
     w = check_array(w, "w", 4, "HWIO (KH, KW, C_in, C_out)")
     b = None if b is None else check_array(b, "b", 1, "(C_out,)")
-    _check_shapes(x, w, b)
+    groups = _check_groups(groups)
+    _check_shapes(x, w, b, groups)
     stride, dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], stride, dilation)
     dtype = np.result_type(*[a for a in (x, w, b) if a is not None])
     if not np.issubdtype(dtype, np.floating):
         dtype = np.dtype(np.float64)
-    spec = ConvSpec(x.shape, w.shape, stride, pads, dilation, dtype)
+    spec = ConvSpec(x.shape, w.shape, stride, pads, dilation, dtype, groups)
     _check_fits(spec)
     cast = [a if a is None or a.dtype == dtype else a.astype(dtype) for a in (x, w, b)]
     return cast[0], cast[1], cast[2], spec
@@ -159,20 +183,27 @@ class MethodRegistry:
     test `applies(spec) -> bool` of the problems `"auto"` may give it.
 
     `names()` lists them best first; `resolve(method, spec)` returns the function for
-    an explicit name, or for `"auto"` the highest-priority method that applies.
+    an explicit name, or for `"auto"` the highest-priority method that applies. A method
+    registered without `groups=True` never sees a grouped problem (`spec.groups > 1`):
+    `per_group(fn, *arrays, spec)` runs it once per group of channels instead.
     """
 
-    def __init__(self, operation: str) -> None:
-        self.operation = operation
-        self._methods: dict[str, tuple[Callable, int, Optional[Applies]]] = {}
+    def __init__(self, operation: str, per_group: Optional[Callable] = None) -> None:
+        self.operation, self.per_group = operation, per_group
+        self._methods: dict[str, tuple[Callable, int, Optional[Applies], bool]] = {}
 
     def register(
-        self, name: str, priority: int = 0, applies: Optional[Applies] = None
+        self,
+        name: str,
+        priority: int = 0,
+        applies: Optional[Applies] = None,
+        groups: bool = False,
     ) -> Callable[[Callable], Callable]:
-        """Decorator: register `fn` as method `name`."""
+        """Decorator: register `fn` as method `name` (`groups`: it takes grouped
+        problems itself)."""
 
         def deco(fn: Callable) -> Callable:
-            self._methods[name] = (fn, priority, applies)
+            self._methods[name] = (fn, priority, applies, groups)
             return fn
 
         return deco
@@ -202,7 +233,10 @@ class MethodRegistry:
     def resolve(self, method: object, spec: Any) -> Callable:
         """The function for `method` (checked) on problem `spec`."""
         name = self.check(method)
-        return self._methods[self.choose(spec) if name == "auto" else name][0]
+        fn, _, _, groups = self._methods[self.choose(spec) if name == "auto" else name]
+        if getattr(spec, "groups", 1) == 1 or groups or self.per_group is None:
+            return fn
+        return functools.partial(self.per_group, fn)
 
     def __contains__(self, name: object) -> bool:
         return name in self._methods
@@ -211,19 +245,50 @@ class MethodRegistry:
         del self._methods[name]
 
 
-CONV2D_METHODS = MethodRegistry("conv2d")
+def group_spec(spec: ConvSpec) -> ConvSpec:
+    """The problem of one group of a grouped `spec`: `C_in // groups` input and
+    `C_out // groups` output channels, `groups=1`."""
+    kh, kw, cg, c_out = spec.w_shape
+    return replace(
+        spec,
+        x_shape=(*spec.x_shape[:3], cg),
+        w_shape=(kh, kw, cg, c_out // spec.groups),
+        groups=1,
+    )
+
+
+def conv2d_per_group(
+    fn: Callable, x: np.ndarray, w: np.ndarray, spec: ConvSpec
+) -> np.ndarray:
+    """A grouped convolution by a method that knows no groups: group `k` convolves
+    input channels `[k*C_in/g, (k+1)*C_in/g)` with output channels
+    `[k*C_out/g, (k+1)*C_out/g)` of `w`; the results are concatenated."""
+    sub = group_spec(spec)
+    cg, og = sub.w_shape[2:]
+    parts = [
+        fn(x[..., k * cg : (k + 1) * cg], w[..., k * og : (k + 1) * og], sub)
+        for k in range(spec.groups)
+    ]
+    return np.concatenate(parts, axis=3)
+
+
+CONV2D_METHODS = MethodRegistry("conv2d", per_group=conv2d_per_group)
 
 
 def register_conv2d(
-    name: str, priority: int = 0, applies: Optional[Applies] = None
+    name: str,
+    priority: int = 0,
+    applies: Optional[Applies] = None,
+    groups: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(x, w, spec) -> y` (no bias) available as `conv2d(...,
     method=name)`.
 
     `method="auto"` uses the registered method with the highest `priority` among those
-    whose `applies(spec)` is true (a method without `applies` takes any problem).
+    whose `applies(spec)` is true (a method without `applies` takes any problem). A
+    method without `groups=True` is run once per group on grouped problems.
     """
-    return CONV2D_METHODS.register(name, priority, applies)
+    return CONV2D_METHODS.register(name, priority, applies, groups)
 
 
 def conv2d_methods() -> list[str]:
@@ -255,12 +320,15 @@ def conv2d(
     stride: IntPair = 1,
     padding: ConvPadding = 0,
     dilation: IntPair = 1,
+    groups: int = 1,
     method: str = "auto",
 ) -> np.ndarray:
     """2-D convolution (cross-correlation, as in PyTorch) of an NHWC batch with an HWIO
     kernel.
 
-    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in, C_out)`, b: `(C_out,)` or None.
+    x: `(N, H, W, C_in)`, w: `(KH, KW, C_in // groups, C_out)`, b: `(C_out,)` or None.
+    groups (section 3a): input and output channels split into `groups` independent
+    groups; `groups=C_in` is a depthwise convolution.
     stride, dilation: int or pair, >= 1. padding: int, pair, `((top, bottom), (left,
     right))`, `"valid"` or `"same"`. Returns `(N, H_out, W_out, C_out)` with `H_out = (H
     + top + bottom - dilation_h*(KH-1) - 1) // stride_h + 1` (likewise `W_out`), in the
@@ -269,7 +337,7 @@ def conv2d(
     """
     CONV2D_METHODS.check(method)
     x, w, b, spec = conv_spec(
-        x, w, b, stride=stride, padding=padding, dilation=dilation
+        x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups
     )
     y = CONV2D_METHODS.resolve(method, spec)(x, w, spec)
     return y if b is None else add_bias(y, b)
