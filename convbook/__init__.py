@@ -8,16 +8,55 @@ __all__ = []
 # %% ../book/00_package.ipynb #43ee72cc
 __version__ = "0.1.0"
 
-from .memory import *
-from .windows import *
-from .conv import *
-from .im2col import *
-from .backward import *
-from .pool import *
-from .transpose import *
-from .data import *
-from .layers import *
-from .fast import *
+import types as _types
+
+from . import bench, data, exercises, fast, groups, layers, memory, pool
+from . import conv, backward, im2col, transpose, windows, winograd
+from .backward import col2im, conv2d_backward, conv2d_backward_methods
+from convbook.conv import (
+    conv2d,
+    conv2d_methods,
+    hwio_to_oihw,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    oihw_to_hwio,
+)
+from convbook.data import (
+    DataError,
+    download_emnist,
+    load_emnist,
+    load_sample,
+    read_idx,
+    read_mapping,
+)
+from convbook.layers import (
+    SGD,
+    Adam,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    softmax_cross_entropy,
+)
+from .memory import byte_extent
+from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
+from .transpose import conv_transpose2d, dilate, rot180
+from .windows import pad2d
+
+
+class _CallableModule(_types.ModuleType):
+    """A module that can be called like its namesake function (`convbook.windows(x, 3)`
+    is `convbook.windows.windows(x, 3)`), kept for code written for the first release."""
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+windows.__class__ = _CallableModule
+im2col.__class__ = _CallableModule
 
 # The training module is imported on first use, so that `python -m convbook.train` runs it
 # fresh (importing it here would make runpy warn that it is already in sys.modules).
@@ -25,8 +64,26 @@ _TRAIN_NAMES = ("emnist_cnn", "Model", "load_model", "evaluate", "fit")
 
 
 def __getattr__(name):
-    if name in _TRAIN_NAMES:
-        from convbook import train
+    if name in _TRAIN_NAMES or name == "train":
+        import importlib
 
-        return getattr(train, name)
+        train = importlib.import_module("convbook.train")
+        return train if name == "train" else getattr(train, name)
     raise AttributeError(f"module 'convbook' has no attribute {name!r}")
+
+
+__all__ = [
+    # chapters 1-6: arrays, windows, convolutions and their gradients
+    "byte_extent", "windows", "pad2d", "conv2d", "conv2d_methods",
+    "nhwc_to_nchw", "nchw_to_nhwc", "hwio_to_oihw", "oihw_to_hwio",
+    "im2col", "col2im", "conv2d_backward", "conv2d_backward_methods",
+    "max_pool2d", "avg_pool2d", "max_pool2d_backward", "avg_pool2d_backward",
+    "dilate", "rot180", "conv_transpose2d",
+    # chapter 7: data, layers, training
+    "DataError", "load_emnist", "load_sample", "read_idx", "read_mapping",
+    "download_emnist", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "Dropout",
+    "Sequential", "softmax_cross_entropy", "SGD", "Adam",
+    "emnist_cnn", "Model", "load_model", "fit", "evaluate",
+    # modules with their own entry points
+    "exercises", "bench",
+]  # fmt: skip

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convbook
-from convbook import byte_extent, check_inside, pad2d, safe_as_strided, windows
+from convbook import byte_extent, pad2d
+from convbook.windows import check_inside, safe_as_strided, windows
 from conftest import LAYOUTS, make_layout, to_t
 
 
@@ -231,9 +232,25 @@ def test_public_functions_are_typed(module):
 
 
 def test_public_names():
-    for name in ["windows", "pad2d", "safe_as_strided", "check_inside", "byte_extent", "conv2d",
+    """The top level holds what users import (convbook.__all__); helpers stay in their modules;
+    `convbook.windows` and `convbook.im2col` are the modules, callable like their functions."""
+    import importlib
+    import types
+
+    for name in ["windows", "pad2d", "byte_extent", "conv2d", "im2col", "col2im",
                  "nhwc_to_nchw", "nchw_to_nhwc", "hwio_to_oihw", "oihw_to_hwio"]:
-        assert callable(getattr(convbook, name)), name
+        assert name in convbook.__all__ and callable(getattr(convbook, name)), name
+    for helper in ["safe_as_strided", "check_inside", "check_array", "as_pair", "SHA256"]:
+        assert not hasattr(convbook, helper), helper
+    for module in ["windows", "im2col"]:
+        m = importlib.import_module(f"convbook.{module}")
+        assert isinstance(m, types.ModuleType) and getattr(convbook, module) is m
+    x = np.arange(25.0).reshape(1, 5, 5, 1)
+    assert np.array_equal(convbook.windows(x, 3), convbook.windows.windows(x, 3))
+    assert np.array_equal(convbook.im2col(x, 3), convbook.im2col.im2col(x, 3))
+    star = {}
+    exec("from convbook import *", star)
+    assert set(convbook.__all__) <= set(star)
 
 
 @given(window_cases(), st.integers(0, 2))
