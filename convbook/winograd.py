@@ -404,14 +404,24 @@ def input_grad_phases(
     taps that reach that phase (rotated, `C_in` and `C_out` swapped): no multiplication
     by the zeros that dilating `dy` would insert. `forward(d, w, spec)` computes each
     stride-1 convolution. dy: `(N, H_out, W_out, C_out)` -> `(N, H, W, C_in)`."""
+    phases = list(_grad_phases(spec))
+    if spec.stride == (1, 1):  # one phase, every tap: dx is that convolution itself
+        return _phase_conv(dy, w, *phases[0][2:], forward)
     dx = np.zeros(spec.x_shape, spec.dtype)  # pixels no tap reaches: zero gradient
     sh, sw = spec.stride
-    for rho, sigma, (th, tw), pads, dil in _grad_phases(spec):
-        sub = w[th][:, tw].transpose(0, 1, 3, 2)  # (KH_r, KW_c, C_out, C_in)
-        d, pads = _signed_pad(dy, pads)
-        d, sub, _, dspec = conv_spec(d, sub, padding=pads, dilation=dil)
-        copy_pixels(dx[:, rho::sh, sigma::sw], forward(d, sub, dspec))
+    for rho, sigma, *phase in phases:
+        copy_pixels(dx[:, rho::sh, sigma::sw], _phase_conv(dy, w, *phase, forward))
     return dx
+
+
+def _phase_conv(dy, w, taps, pads, dilation, forward) -> np.ndarray:
+    """One phase of `input_grad_phases`: `dy` padded (or cropped) by `pads`, convolved
+    by `forward` with the sub-kernel of `taps` `(rows, cols)`, rotated and transposed
+    to `(KH_r, KW_c, C_out, C_in)`."""
+    sub = w[taps[0]][:, taps[1]].transpose(0, 1, 3, 2)
+    d, pads = _signed_pad(dy, pads)
+    d, sub, _, dspec = conv_spec(d, sub, padding=pads, dilation=dilation)
+    return forward(d, sub, dspec)
 
 
 def _grad_phase_specs(spec: ConvSpec):
