@@ -55,11 +55,12 @@ def test_chapter_has_title_summary_and_exercises(page):
     assert "\n> " in md[0], f"{page}: title cell needs a '> summary' line (the module docstring)"
     text = "\n".join(md)
     assert "## Exercises" in text
-    labels = re.findall(r"```\{exercise\}[^\n]*\n:label: (\S+)", text)
+    labels = re.findall(r"```\{exercise(?:-start)?\}[^\n]*\n:label: (\S+)", text)
     assert labels, f"{page}: no exercises"
     for label in labels:
         assert f"{{solution-start}} {label}" in text, f"{page}: exercise {label} has no solution"
     assert text.count("{solution-start}") == text.count("{solution-end}")
+    assert text.count("{exercise-start}") == text.count("{exercise-end}")
 
 
 @pytest.mark.parametrize("page", PAGES)
