@@ -28,8 +28,11 @@ venv: $(STAMP)
 export: $(STAMP)
 	$(BIN)/nbdev-export
 
+# Sphinx copies _static only when it rewrites a page: if only a script or style changed since the
+# last build, rewrite every page (--all; the executed chapters still come from the cache).
 book: export
-	$(BIN)/jupyter-book build . -W -n --keep-going
+	@ALL=; if [ -f _build/html/.convbook-built ] && [ -n "$$(find _static _ext -type f -newer _build/html/.convbook-built)" ]; then ALL=--all; fi; \
+	$(BIN)/jupyter-book build . -W -n --keep-going $$ALL
 	touch _build/html/.convbook-built
 	@echo "The book is at $(CURDIR)/_build/html/index.html"
 

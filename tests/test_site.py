@@ -57,7 +57,13 @@ PAGES = toc_pages()
 def _sources() -> list[Path]:
     files = [ROOT / "_config.yml", ROOT / "_toc.yml", *(ROOT / "_ext").glob("*.py"),
              *(ROOT / "_static").glob("*")]
-    return files + [ROOT / f"{p}.ipynb" for p in PAGES]
+    return files + [source_of(p) for p in PAGES]
+
+
+def source_of(page: str) -> Path:
+    """The page's source: a notebook, or a Markdown page (the API reference, the explorer)."""
+    notebook = ROOT / f"{page}.ipynb"
+    return notebook if notebook.exists() else ROOT / f"{page}.md"
 
 
 STAMP = HTML / ".convbook-built"  # touched by `make book` and below after a successful build
@@ -147,6 +153,7 @@ PAGE_FACTS = """() => {
     binder: !!document.querySelector('a[href^="https://mybinder.org/v2/gh/convbook/convbook/"]'),
     colab: !!document.querySelector('a[href^="https://colab.research.google.com/github/convbook/convbook/"]'),
     download: !!document.querySelector('a.btn-download-source-button[href$=".ipynb"]'),
+    download_md: !!document.querySelector('a.btn-download-source-button[href$=".md"]'),
     repository: !!document.querySelector('a[href="https://github.com/convbook/convbook"]'),
     solutions: document.querySelectorAll('div.solution').length,
   };
@@ -170,9 +177,12 @@ def test_page_renders_cleanly(name, browser, server, screenshots):
         assert not facts["broken_images"], facts["broken_images"]
         assert not DIRECTIVE.search(facts["text"]), DIRECTIVE.search(facts["text"]).group()
         assert "Traceback (most recent call last)" not in facts["text"]
-        for button in ("binder", "colab", "download", "repository"):
+        notebook = source_of(name).suffix == ".ipynb"
+        buttons = ("binder", "colab", "download", "repository") if notebook else (
+            "download_md", "repository")  # a Markdown page has no kernel to launch
+        for button in buttons:
             assert facts[button], f"no {button} button"
-        if name != PAGES[0]:  # every chapter ends with exercises and folded solutions
+        if notebook and name != PAGES[0]:  # every chapter ends with exercises, folded solutions
             assert "Exercises" in facts["text"] and facts["solutions"] > 0
             solution = page.locator("div.solution").first
             body = solution.locator("section").first
@@ -260,3 +270,29 @@ def test_link_check_catches_broken_links(tmp_path):
     (tmp_path / "b.html").write_text('<section id="sec"><a href="a.html">back</a></section>')
     assert broken_links(tmp_path, ["a", "b"]) == ["a: missing.png", "a: b.html#nope (no such anchor)",
                                                   "a: c.html"]
+
+
+def test_api_reference_documents_every_public_name(site):
+    """Every name of convbook.__all__ has an entry (an HTML anchor named after it) on the API page
+    of the module that defines it, and every module of the package has a page."""
+    import importlib
+    import pkgutil
+    import types
+
+    import convbook
+
+    modules = {m.name for m in pkgutil.iter_modules(convbook.__path__) if not m.name.startswith("_")}
+    for module in modules:
+        assert (site / "book" / "api" / f"{module}.html").exists(), f"no API page for convbook.{module}"
+    missing = []
+    for name in convbook.__all__:
+        obj = getattr(convbook, name)
+        if isinstance(obj, types.ModuleType):
+            module, anchor = obj.__name__.split(".")[1], obj.__name__
+        else:
+            module = importlib.import_module(obj.__module__).__name__.split(".")[1]
+            anchor = f"convbook.{module}.{name}"
+        html = (site / "book" / "api" / f"{module}.html").read_text()
+        if f'id="{anchor}"' not in html:
+            missing.append(anchor)
+    assert not missing, f"not on the API pages: {missing}"
