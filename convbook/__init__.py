@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = ['byte_extent', 'windows', 'pad2d', 'conv2d', 'conv2d_methods', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw',
            'oihw_to_hwio', 'im2col', 'col2im', 'conv2d_backward', 'conv2d_backward_methods', 'max_pool2d', 'avg_pool2d',
-           'max_pool2d_backward', 'avg_pool2d_backward', 'dilate', 'rot180', 'conv_transpose2d', 'DataError',
-           'load_emnist', 'load_sample', 'read_idx', 'read_mapping', 'download_emnist', 'Conv2d', 'ReLU', 'MaxPool2d',
-           'Flatten', 'Linear', 'Dropout', 'Sequential', 'softmax_cross_entropy', 'SGD', 'Adam', 'emnist_cnn', 'Model',
-           'load_model', 'fit', 'evaluate', 'exercises', 'bench']
+           'max_pool2d_backward', 'avg_pool2d_backward', 'dilate', 'rot180', 'conv_transpose2d',
+           'conv_transpose2d_backward', 'DataError', 'load_emnist', 'load_sample', 'read_idx', 'read_mapping',
+           'download_emnist', 'Conv2d', 'ReLU', 'MaxPool2d', 'Flatten', 'Linear', 'Dropout', 'Sequential',
+           'softmax_cross_entropy', 'SGD', 'Adam', 'emnist_cnn', 'Model', 'load_model', 'fit', 'evaluate', 'exercises',
+           'bench']
 
 # %% ../book/00_package.ipynb #43ee72cc
 __version__ = "0.1.0"
@@ -48,7 +49,7 @@ from convbook.layers import (
 )
 from .memory import byte_extent
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
-from .transpose import conv_transpose2d, dilate, rot180
+from .transpose import conv_transpose2d, conv_transpose2d_backward, dilate, rot180
 from .windows import pad2d
 
 
@@ -85,7 +86,7 @@ _all_ = [
     "nhwc_to_nchw", "nchw_to_nhwc", "hwio_to_oihw", "oihw_to_hwio",
     "im2col", "col2im", "conv2d_backward", "conv2d_backward_methods",
     "max_pool2d", "avg_pool2d", "max_pool2d_backward", "avg_pool2d_backward",
-    "dilate", "rot180", "conv_transpose2d",
+    "dilate", "rot180", "conv_transpose2d", "conv_transpose2d_backward",
     # chapter 7: data, layers, training
     "DataError", "load_emnist", "load_sample", "read_idx", "read_mapping",
     "download_emnist", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "Dropout",

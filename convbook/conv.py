@@ -28,9 +28,9 @@ from convbook.windows import (
 ConvPadding = Union[Padding, Literal["valid", "same"]]
 
 # %% auto #0
-__all__ = ['ConvPadding', 'Applies', 'CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'conv_spec', 'padded', 'MethodRegistry',
-           'group_spec', 'conv2d_per_group', 'register_conv2d', 'conv2d_methods', 'add_bias', 'conv2d', 'conv2d_naive',
-           'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
+__all__ = ['ConvPadding', 'Applies', 'CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'check_groups', 'conv_spec', 'padded',
+           'MethodRegistry', 'group_spec', 'conv2d_per_group', 'register_conv2d', 'conv2d_methods', 'add_bias',
+           'conv2d', 'conv2d_naive', 'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
 
 # %% ../book/03_einsum.ipynb #c9d6181c
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def resolve_padding(
     return as_padding(padding)
 
 
-def _check_groups(groups: object) -> int:
+def check_groups(groups: object) -> int:
     """`groups` as an int >= 1, or a `TypeError`/`ValueError` naming it."""
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)):
         raise TypeError(f"groups must be an int >= 1, got {groups!r}")
@@ -157,7 +157,7 @@ def conv_spec(
     x = check_array(x, "x", 4, "NHWC (N, H, W, C_in)")
     w = check_array(w, "w", 4, "HWIO (KH, KW, C_in, C_out)")
     b = None if b is None else check_array(b, "b", 1, "(C_out,)")
-    groups = _check_groups(groups)
+    groups = check_groups(groups)
     _check_shapes(x, w, b, groups)
     stride, dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     pads = resolve_padding(padding, w.shape[:2], stride, dilation)

@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .backward import register_conv2d_backward
-from .conv import ConvSpec, conv2d
-from .windows import IntPair, as_pair, as_padding, check_array, pad2d
+from .backward import bias_grad, conv2d_backward, register_conv2d_backward
+from .conv import ConvSpec, add_bias, check_groups, conv2d
+from .windows import IntPair, Padding, as_pair, as_padding, check_array, pad2d
 
 # %% auto #0
-__all__ = ['dilate', 'rot180', 'pad_or_crop', 'input_grad_padding', 'conv_input_grad', 'conv_weight_grad',
-           'conv2d_backward_dilate', 'conv_transpose2d']
+__all__ = ['dilate', 'rot180', 'pad_or_crop', 'input_grad_padding', 'conv_input_grad', 'swap_channels', 'conv_weight_grad',
+           'conv2d_backward_dilate', 'conv_transpose2d', 'conv_transpose2d_backward']
 
 # %% ../book/06_transpose.ipynb #b0c594e2
 def dilate(x: np.ndarray, stride: IntPair) -> np.ndarray:
@@ -80,11 +81,12 @@ def conv_input_grad(
     stride: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]],
     dilation: tuple[int, int],
+    groups: int = 1,
 ) -> np.ndarray:
-    """`dx` of `conv2d(x, w, stride, padding, dilation)` as a convolution of the
-    dilated, padded `dy` with `rot180(w)`.
+    """`dx` of `conv2d(x, w, stride, padding, dilation, groups)` as a convolution of
+    the dilated, padded `dy` with `rot180(w)`, its channel axes swapped (group by group).
 
-    dy: `(N, H_out, W_out, C_out)`, w: `(KH, KW, C_in, C_out)`, x_hw: `(H, W)`
+    dy: `(N, H_out, W_out, C_out)`, w: `(KH, KW, C_in // groups, C_out)`, x_hw: `(H, W)`
     -> `(N, H, W, C_in)`.
     """
     kh, kw = w.shape[:2]
@@ -96,9 +98,16 @@ def conv_input_grad(
         x_hw[1], dy.shape[2], kw, stride[1], pl, dilation[1]
     )
     d = pad_or_crop(dilate(dy, stride), top, bottom, left, right)
-    return conv2d(
-        d, rot180(w).transpose(0, 1, 3, 2), dilation=dilation
-    )  # kernel (KH, KW, C_out, C_in)
+    return conv2d(d, swap_channels(rot180(w), groups), dilation=dilation, groups=groups)
+
+
+def swap_channels(w: np.ndarray, groups: int = 1) -> np.ndarray:
+    """The kernel of the input gradient: `w` `(KH, KW, C_in // g, C_out)` with its
+    channel axes swapped within each group, `(KH, KW, C_out // g, C_in)`; for one group
+    `w.transpose(0, 1, 3, 2)`."""
+    kh, kw, c, c_out = w.shape
+    m = c_out // groups
+    return w.reshape(kh, kw, c, groups, m).transpose(0, 1, 4, 3, 2).reshape(kh, kw, m, -1)
 
 # %% ../book/06_transpose.ipynb #26a8f8a2
 def conv_weight_grad(
@@ -150,27 +159,24 @@ def conv2d_backward_dilate(
     return dx, dw
 
 # %% ../book/06_transpose.ipynb #59314add
-def conv_transpose2d(
-    x, w, *, stride=1, padding=0, output_padding=0, dilation=1
-) -> np.ndarray:
-    """Transposed convolution, equal to `torch.nn.functional.conv_transpose2d`.
-
-    x: `(N, H, W, C_in)`; w: `(KH, KW, C_out, C_in)`, the kernel of the forward
-    convolution (from `C_out` to `C_in` channels) whose input gradient this computes
-    (TensorFlow's layout; PyTorch's weight is `w.transpose(3, 2, 0, 1)`). padding: int,
-    pair or `((top, bottom), (left, right))`; output_padding: int or pair, each smaller
-    than the stride or the dilation. Returns `(N, H_out, W_out, C_out)` with
-    `H_out = (H-1)*sh - top - bottom + dh*(KH-1) + output_padding_h + 1`.
-    """
+def _transpose_spec(x, w, b, stride, padding, output_padding, dilation, groups):
+    """Validate `conv_transpose2d`'s arguments; return them normalised, with the output
+    size `(H_out, W_out)` and the dtype."""
     x = check_array(x, "x", 4, "(N, H, W, C_in)")
-    w = check_array(w, "w", 4, "(KH, KW, C_out, C_in)")
-    if x.shape[3] != w.shape[3]:
-        raise ValueError(
-            f"channel mismatch: x has C_in = {x.shape[3]} channels but w, laid out "
-            f"(KH, KW, C_out, C_in), expects C_in = {w.shape[3]}"
-        )
+    w = check_array(w, "w", 4, "(KH, KW, C_out // groups, C_in)")
+    b = None if b is None else check_array(b, "b", 1, "(C_out,)")
+    groups = check_groups(groups)
     if 0 in w.shape:
         raise ValueError(f"w must have no empty axis, got shape {w.shape}")
+    if x.shape[3] != w.shape[3] or w.shape[3] % groups:
+        raise ValueError(
+            f"channel mismatch: x has C_in = {x.shape[3]} channels but w, laid out "
+            f"(KH, KW, C_out // groups, C_in), expects C_in = {w.shape[3]}"
+            + (f" (a multiple of groups={groups})" if groups > 1 else "")
+        )
+    c_out = w.shape[2] * groups
+    if b is not None and b.shape != (c_out,):
+        raise ValueError(f"b must have shape (C_out,) = ({c_out},), got {b.shape}")
     stride, dilation = as_pair(stride, "stride"), as_pair(dilation, "dilation")
     pads = as_padding(padding)
     out_pad = as_pair(output_padding, "output_padding", minimum=0)
@@ -192,16 +198,69 @@ def conv_transpose2d(
         raise ValueError(
             f"padding {pads} is too large: the output would have height and width {hw}"
         )
-    dtype = (
-        np.result_type(x, w)
-        if np.issubdtype(np.result_type(x, w), np.floating)
-        else np.float64
+    dtype = np.result_type(*[a for a in (x, w, b) if a is not None])
+    dtype = dtype if np.issubdtype(dtype, np.floating) else np.dtype(np.float64)
+    return x, w, b, stride, pads, dilation, groups, hw, dtype
+
+
+def conv_transpose2d(
+    x: ArrayLike,
+    w: ArrayLike,
+    b: ArrayLike | None = None,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    output_padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> np.ndarray:
+    """Transposed convolution, equal to `torch.nn.functional.conv_transpose2d`.
+
+    x: `(N, H, W, C_in)`; w: `(KH, KW, C_out // groups, C_in)`, the kernel of the
+    forward convolution (from `C_out` to `C_in` channels) whose input gradient this
+    computes (TensorFlow's layout; PyTorch's weight is `w.transpose(3, 2, 0, 1)`);
+    b: `(C_out,)` or None. padding: int, pair or `((top, bottom), (left, right))`;
+    output_padding: int or pair, each smaller than the stride or the dilation.
+    Returns `(N, H_out, W_out, C_out)` with
+    `H_out = (H-1)*sh - top - bottom + dh*(KH-1) + output_padding_h + 1`.
+    """
+    x, w, b, stride, pads, dilation, groups, hw, dtype = _transpose_spec(
+        x, w, b, stride, padding, output_padding, dilation, groups
     )
-    return conv_input_grad(
-        x.astype(dtype, copy=False),
-        w.astype(dtype, copy=False),
-        hw,
-        stride,
-        pads,
-        dilation,
+    x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
+    z = conv_input_grad(x, w, hw, stride, pads, dilation, groups)
+    return z if b is None else add_bias(z, b.astype(dtype, copy=False))
+
+# %% ../book/06_transpose.ipynb #2757d0de
+def conv_transpose2d_backward(
+    dz: ArrayLike,
+    x: ArrayLike,
+    w: ArrayLike,
+    *,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    output_padding: IntPair = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients `(dx, dw, db)` of `z = conv_transpose2d(x, w, b, ...)` given
+    `dz = dL/dz` `(N, H_out, W_out, C_out)`, with the shapes of x `(N, H, W, C_in)`,
+    w `(KH, KW, C_out // groups, C_in)` and b `(C_out,)`.
+    """
+    x, w, _, stride, pads, dilation, groups, hw, dtype = _transpose_spec(
+        x, w, None, stride, padding, output_padding, dilation, groups
     )
+    dz = check_array(dz, "dz", 4, "(N, H_out, W_out, C_out)")
+    if dz.shape != (x.shape[0], *hw, w.shape[2] * groups):
+        raise ValueError(
+            f"dz must have the shape of conv_transpose2d's output "
+            f"{(x.shape[0], *hw, w.shape[2] * groups)}, got {dz.shape}"
+        )
+    dtype = np.result_type(dtype, dz.dtype)
+    dz, x, w = (a.astype(dtype, copy=False) for a in (dz, x, w))
+    geom = dict(stride=stride, padding=pads, dilation=dilation, groups=groups)
+    ax = conv2d(dz, w, **geom)  # A dz: at least x's size
+    dx = ax[:, : x.shape[1], : x.shape[2]]
+    x_full = pad_or_crop(x, 0, ax.shape[1] - x.shape[1], 0, ax.shape[2] - x.shape[2])
+    _, dw, _ = conv2d_backward(x_full, dz, w, input_grad=False, **geom)
+    return np.ascontiguousarray(dx), dw, bias_grad(dz)

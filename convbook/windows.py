@@ -28,7 +28,8 @@ MAX_INT = 2**31 - 1  # the largest stride, padding, dilation or kernel size acce
 
 
 def as_pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
-    """Normalise an int or a pair of ints to `(height, width)`, checking each is an
+    """Normalise an int, a pair of ints or (as PyTorch accepts) a 1-element tuple to
+    `(height, width)`, checking each is an
     integer with `minimum <= value <= MAX_INT`.
 
     Raises `TypeError` for non-integers (floats, bools, strings) and `ValueError` for a
@@ -37,6 +38,8 @@ def as_pair(value: IntPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
     (a stride of 10**30 would otherwise overflow deep inside NumPy).
     """
     pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) == 1:  # PyTorch reads a 1-element tuple as the same value twice
+        pair = pair * 2
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     for v in pair:

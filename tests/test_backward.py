@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convbook import (col2im, conv2d, conv2d_backward, conv2d_backward_methods, conv_transpose2d,
+                      conv_transpose2d_backward,
                       dilate, im2col, rot180)
 from convbook.backward import CONV2D_BACKWARD_METHODS, register_conv2d_backward
 from convbook.transpose import conv_weight_grad, pad_or_crop
@@ -133,7 +134,8 @@ def test_rot180():
 
 @st.composite
 def transpose_cases(draw):
-    n, ci, co = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 1, 2, 3]))
+    n, ci, co = draw(st.integers(1, 3)), g * draw(st.integers(1, 3)), g * draw(st.integers(1, 3))
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     sh, sw, dh, dw = (draw(st.integers(1, 3)) for _ in range(4))
     ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
@@ -147,14 +149,49 @@ def transpose_cases(draw):
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = make_layout(rng, (n, h, w, ci), dtype, layout)
-    wt = rng.standard_normal((kh, kw, co, ci)).astype(dtype)
-    return x, wt, dict(stride=(sh, sw), padding=(ph, pw), output_padding=(oph, opw), dilation=(dh, dw))
+    wt = rng.standard_normal((kh, kw, co // g, ci)).astype(dtype)
+    kw_ = dict(stride=(sh, sw), padding=(ph, pw), output_padding=(oph, opw), dilation=(dh, dw))
+    if g > 1:
+        kw_["groups"] = g
+    if draw(st.booleans()):
+        kw_["b"] = rng.standard_normal(co).astype(dtype)
+    return x, wt, kw_
+
+
+def torch_transpose(x, w, kw, requires_grad=False):
+    """F.conv_transpose2d on NHWC x and our (KH, KW, C_out // g, C_in) w; returns tensors."""
+    geom = {k: v for k, v in kw.items() if k != "b"}
+    tx = to_t(x.transpose(0, 3, 1, 2)).requires_grad_(requires_grad)
+    tw = to_t(w.transpose(3, 2, 0, 1)).requires_grad_(requires_grad)
+    b = kw.get("b")
+    tb = None if b is None else to_t(b).requires_grad_(requires_grad)
+    return tx, tw, tb, F.conv_transpose2d(tx, tw, tb, **geom)
 
 
 def check_transpose(impl, case):
     x, w, kw = case
-    ref = F.conv_transpose2d(to_t(x.transpose(0, 3, 1, 2)), to_t(w.transpose(3, 2, 0, 1)), **kw)
+    ref = torch_transpose(x, w, kw)[3]
     assert_close(impl(x, w, **kw), ref.numpy().transpose(0, 2, 3, 1), x.dtype)
+
+
+@given(transpose_cases())
+def test_conv_transpose2d_backward_equals_torch(case):
+    """conv_transpose2d's own backward: dx, dw, db against autograd through PyTorch's."""
+    x, w, kw = case
+    kw.setdefault("b", np.zeros(w.shape[2] * kw.get("groups", 1), x.dtype))
+    tx, tw, tb, tz = torch_transpose(x, w, kw, requires_grad=True)
+    dz = np.random.default_rng(1).standard_normal(tuple(tz.shape)).astype(x.dtype)
+    tz.backward(to_t(dz))
+    geom = {k: v for k, v in kw.items() if k != "b"}
+    dx, dw, db = conv_transpose2d_backward(dz.transpose(0, 2, 3, 1), x, w, **geom)
+    for name, got, ref in [("dx", dx, tx.grad.numpy().transpose(0, 2, 3, 1)),
+                           ("dw", dw, tw.grad.numpy().transpose(2, 3, 1, 0)),
+                           ("db", db, tb.grad.numpy())]:
+        assert got.dtype == x.dtype, name
+        try:
+            assert_close(got, ref, x.dtype)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
 
 
 @given(transpose_cases())

@@ -177,3 +177,12 @@ def test_backward_of_an_empty_batch_is_zero(method):
     assert dx.shape == xe.shape and dw.shape == we.shape and db.shape == (4,)
     assert np.array_equal(dw, tw.grad.numpy().transpose(2, 3, 1, 0)) and not dw.any()
     assert not dx.any() and not db.any()
+
+
+def test_one_element_tuples_mean_the_value_twice_as_in_pytorch():
+    """PyTorch accepts padding=(1,) and stride=[2] for (1, 1) and (2, 2); so do we."""
+    x = np.random.default_rng(0).standard_normal((1, 7, 7, 2))
+    w = np.random.default_rng(1).standard_normal((3, 3, 2, 2))
+    assert np.array_equal(conv2d(x, w, padding=(1,), stride=[2], dilation=(1,)),
+                          conv2d(x, w, padding=1, stride=2))
+    assert np.array_equal(windows(x, (3,), stride=(2,)), windows(x, 3, stride=2))
