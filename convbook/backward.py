@@ -67,12 +67,14 @@ def register_conv2d_backward(
     priority: int = 0,
     applies: Callable | None = None,
     groups: bool = False,
+    supports: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(dy, x, w, spec, input_grad) -> (dx, dw)` available as
     `conv2d_backward(..., method=name)`; `dx` is None when `input_grad` is false.
     `"auto"` picks the highest priority among methods whose `applies(spec)` holds; a
-    method without `groups=True` is run once per group on grouped problems."""
-    return CONV2D_BACKWARD_METHODS.register(name, priority, applies, groups)
+    method without `groups=True` is run once per group on grouped problems;
+    `supports(spec)` says which problems it can solve at all."""
+    return CONV2D_BACKWARD_METHODS.register(name, priority, applies, groups, supports)
 
 # %% ../book/05_backward.ipynb #4f0f1e60
 def conv2d_backward_methods() -> list[str]:

@@ -191,6 +191,7 @@ class MethodRegistry:
     def __init__(self, operation: str, per_group: Optional[Callable] = None) -> None:
         self.operation, self.per_group = operation, per_group
         self._methods: dict[str, tuple[Callable, int, Optional[Applies], bool]] = {}
+        self._supports: dict[str, Applies] = {}
 
     def register(
         self,
@@ -198,15 +199,25 @@ class MethodRegistry:
         priority: int = 0,
         applies: Optional[Applies] = None,
         groups: bool = False,
+        supports: Optional[Applies] = None,
     ) -> Callable[[Callable], Callable]:
-        """Decorator: register `fn` as method `name` (`groups`: it takes grouped
-        problems itself)."""
+        """Decorator: register `fn` as method `name`. `groups`: it takes grouped
+        problems itself; `supports(spec)`: the problems it can solve at all (a method
+        without it solves every problem; asked for one it cannot, it raises a
+        `ValueError` that says why)."""
 
         def deco(fn: Callable) -> Callable:
             self._methods[name] = (fn, priority, applies, groups)
+            if supports is not None:
+                self._supports[name] = supports
             return fn
 
         return deco
+
+    def supports(self, name: str, spec: Any) -> bool:
+        """Whether method `name` can solve problem `spec` (`"auto"` always can)."""
+        test = self._supports.get(name)
+        return name == "auto" or test is None or bool(test(spec))
 
     def names(self) -> list[str]:
         """The registered names, highest priority first."""
@@ -226,7 +237,7 @@ class MethodRegistry:
         """The method `"auto"` uses for `spec`: the best one that `applies` to it."""
         for name in self.names():
             applies = self._methods[name][2]
-            if applies is None or applies(spec):
+            if (applies is None or applies(spec)) and self.supports(name, spec):
                 return name
         raise ValueError(f"no {self.operation} method applies to {spec}")
 
@@ -280,15 +291,17 @@ def register_conv2d(
     priority: int = 0,
     applies: Optional[Applies] = None,
     groups: bool = False,
+    supports: Optional[Applies] = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: make `fn(x, w, spec) -> y` (no bias) available as `conv2d(...,
     method=name)`.
 
     `method="auto"` uses the registered method with the highest `priority` among those
     whose `applies(spec)` is true (a method without `applies` takes any problem). A
-    method without `groups=True` is run once per group on grouped problems.
+    method without `groups=True` is run once per group on grouped problems;
+    `supports(spec)` says which problems the method can solve at all.
     """
-    return CONV2D_METHODS.register(name, priority, applies, groups)
+    return CONV2D_METHODS.register(name, priority, applies, groups, supports)
 
 
 def conv2d_methods() -> list[str]:

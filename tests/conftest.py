@@ -206,6 +206,24 @@ def emnist_dir(request) -> Path:
     return folder
 
 
+def require_support(registry, method: str, x, w, **kw) -> None:
+    """Leave out a (method, problem) pair that the method declares outside its domain
+    (`supports(spec)` of its registration, e.g. Winograd takes only 3x3 stride-1 kernels):
+    `hypothesis.assume` inside a property test, a skip with the reason elsewhere. Its own
+    tests cover that method on its domain; "auto" solves every problem."""
+    from hypothesis import assume
+    from hypothesis.control import currently_in_test_context
+
+    from convbook.conv import conv_spec
+
+    kw = {k: v for k, v in kw.items() if k in ("stride", "padding", "dilation", "groups")}
+    if registry.supports(method, conv_spec(x, w, **kw)[3]):
+        return
+    if currently_in_test_context():
+        assume(False)
+    pytest.skip(f"method {method!r} does not solve this problem (its own tests cover its domain)")
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 
 from convbook import conv2d, conv2d_methods, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
-from convbook.conv import conv_spec, padded
-from conftest import assert_close, conv_cases, torch_conv2d
+from convbook.conv import CONV2D_METHODS, conv_spec, padded
+from conftest import assert_close, conv_cases, require_support, torch_conv2d
 
 METHODS = ["auto", *conv2d_methods()]
 
@@ -22,12 +22,14 @@ def check_conv2d(impl, case, dtype):
 @pytest.mark.parametrize("method", METHODS)
 @given(case=conv_cases(np.float64))
 def test_conv2d_float64(method, case):
+    require_support(CONV2D_METHODS, method, case.x, case.w, **case.kwargs)
     check_conv2d(lambda *a, **k: conv2d(*a, method=method, **k), case, np.float64)
 
 
 @pytest.mark.parametrize("method", METHODS)
 @given(case=conv_cases(np.float32))
 def test_conv2d_float32(method, case):
+    require_support(CONV2D_METHODS, method, case.x, case.w, **case.kwargs)
     check_conv2d(lambda *a, **k: conv2d(*a, method=method, **k), case, np.float32)
 
 
@@ -62,6 +64,7 @@ def test_property_catches_wrong_implementations(wrong):
 ])
 def test_conv2d_edge_cases(method, xs, ws, kw, rng):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[3])
+    require_support(CONV2D_METHODS, method, x, w, **kw)
     assert_close(conv2d(x, w, b, method=method, **kw), torch_conv2d(x, w, b, **kw), np.float64)
 
 

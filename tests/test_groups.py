@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convbook import conv2d, conv2d_backward, conv2d_backward_methods, conv2d_methods
-from conftest import LAYOUTS, assert_close, make_layout, to_t
+from conftest import LAYOUTS, assert_close, make_layout, require_support, to_t
+from convbook.backward import CONV2D_BACKWARD_METHODS
+from convbook.conv import CONV2D_METHODS
 
 
 @st.composite
@@ -55,6 +57,7 @@ def torch_grads(dy, x, w, g, geom):
 @given(data=st.data())
 def test_grouped_forward(method, dtype, data):
     x, w, b, g, geom = data.draw(grouped_cases(dtype))
+    require_support(CONV2D_METHODS, method, x, w, groups=g, **geom)
     y = conv2d(x, w, b, groups=g, method=method, **geom)
     assert y.dtype == dtype
     assert_close(y, torch_forward(x, w, b, g, geom), dtype)
@@ -68,6 +71,7 @@ def test_grouped_backward(method, dtype, data):
     x, w, _, g, geom = data.draw(grouped_cases(dtype))
     y_shape = conv2d(x, w, groups=g, method="einsum", **geom).shape
     dy = np.random.default_rng(0).standard_normal(y_shape).astype(dtype)
+    require_support(CONV2D_BACKWARD_METHODS, method, x, w, groups=g, **geom)
     got = conv2d_backward(dy, x, w, groups=g, method=method, **geom)
     for name, a, r in zip(("dx", "dw", "db"), got, torch_grads(dy, x, w, g, geom)):
         assert a.dtype == dtype, name
