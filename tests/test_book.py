@@ -107,3 +107,70 @@ def test_notebook_runs_outside_this_checkout(page):
     for cell in load(page)["cells"]:
         m = LOCAL_PATH.search(source(cell))
         assert not m, f"{page}: refers to a local path {m.group()!r}: {source(cell)[:120]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# No measured number is typed into prose. A number followed by ×, x, ms, %, GFLOP, GB/s or "times
+# faster/slower/as long" in a Markdown cell must come from the run (myst-nb glue, or Markdown a cell
+# generates, neither of which is in the source) unless it is a derivation or a cited fact, listed here
+# with why. Math ($...$), code spans and code blocks are derivations and code, not measurements; a
+# size such as "3×3" or "2×(240 + 60)" is not followed by a unit of measurement and does not match.
+
+MEASURED = re.compile(
+    r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s*(×(?!\s*[\d(])|x(?![\w(])|ms\b|µs\b|%|GFLOP|GB/s|MB/s|"
+    r"times (?:faster|slower|as (?:long|fast|many))|-fold)", re.I)
+
+ALLOWED_NUMBERS = {  # (page, matched text): why it is not a measurement
+    ("book/04_im2col", "1%"): "the tolerance the memory prediction is held to",
+    ("book/07_emnist", "2.1%"): "1/47, chance level with 47 classes",
+    ("book/07_emnist", "100%"): "a bound: no accuracy can exceed it",
+    ("book/07_emnist", "10%"): "a setting: the default held-out fraction",
+    ("book/07_emnist", "90%"): "a setting: the training fraction",
+    ("book/07_emnist", "11%"): "a derivation: one part in nine",
+    ("book/07_emnist", "28%"): "a derivation from the parameter counts",
+    ("book/07a_data", "5.5%"): "a derivation: 6,400 / 116,323",
+    ("book/07b_layers", "24%"): "a derivation: the softmax of the logits shown",
+    ("book/08_fast", "1%"): "the tolerance the memory formula is held to",
+    ("book/08a_bench", "1 ms"): "a setting: the length of a sleep",
+    ("book/09_winograd", "5×"): "a count: 180 / 36 products per output tile",
+}
+
+
+def prose_of(markdown: str) -> str:
+    """Markdown without code blocks, math, code spans and glue roles."""
+    text = re.sub(r"```.*?```", " ", markdown, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$", " ", text, flags=re.S)
+    text = re.sub(r"\$[^$\n]+\$", " ", text)
+    text = re.sub(r"\{glue(?::\w+)?\}`[^`]*`", " ", text)
+    return re.sub(r"`[^`\n]*`", " ", text)
+
+
+def typed_numbers(page: str) -> list[str]:
+    path = ROOT / f"{page}.ipynb"
+    if path.exists():
+        cells = [source(c) for c in load(page)["cells"] if c["cell_type"] == "markdown"]
+    else:
+        cells = [(ROOT / f"{page}.md").read_text()]
+    return [m.group(0) for md in cells for m in MEASURED.finditer(prose_of(md))]
+
+
+@pytest.mark.parametrize("page", ALL_PAGES)
+def test_no_measured_number_is_typed_into_prose(page):
+    found = [t for t in typed_numbers(page) if (page, t) not in ALLOWED_NUMBERS]
+    assert not found, (f"{page}: {found} look like measured numbers typed by hand; glue them, "
+                       "generate the sentence, or list a derivation in ALLOWED_NUMBERS")
+
+
+def test_the_prose_scanner_catches_typed_measurements():
+    for typed in ["im2col is 6× slower here", "it takes 3.5 ms", "a 12% gain", "at 40 GFLOP/s",
+                  "about 2.3x faster", "NumPy was 3 times slower"]:
+        assert MEASURED.search(prose_of(typed)), typed
+    for fine in ["a 3×3 kernel", "47 × (240 + 60) images", "the ratio {glue:text}`r:.1f`×",
+                 "`t = 3 ms`", "$2.25\\times$ fewer"]:
+        assert not MEASURED.search(prose_of(fine)), fine
+
+
+def test_allowed_numbers_are_still_there():
+    """A stale allow-list entry would let a new measured number through unnoticed."""
+    stale = [key for key in ALLOWED_NUMBERS if key[1] not in typed_numbers(key[0])]
+    assert not stale, f"remove these entries: {stale}"
