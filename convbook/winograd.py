@@ -274,17 +274,21 @@ def _winograd_buffers(spec: ConvSpec, wg: Winograd, cap: int, c_out: int) -> dic
 
 # %% ../book/09_winograd.ipynb #e8867f30
 def _output_tiles(mprod: np.ndarray, y: np.ndarray, wg: Winograd, g: _Tiles, bufs):
-    """`A^T M A` of the products `(n^2, tiles, C_out)` of group `g`, written into
-    its rows of `y` `(N, H_out, W_out, C_out)` (tiles past the edge are cut)."""
+    """`A^T M A` of the products `(n^2, tiles, C_out)` of group `g`, written into its
+    whole tiles of `y` `(N, tile_rows * m, tiles_per_row * m, C_out)` with one copy."""
     m, c_out = wg.m, y.shape[3]
     k, nr, p = g.i1 - g.i0, g.r1 - g.r0, g.count
     out = _front(bufs["Y"], (m * m, p * c_out))
     kron_apply(bufs["AT"], mprod.reshape(-1, p * c_out), out, bufs["tmp"])
-    ho, wo = y.shape[1:3]
-    hr = min(ho - g.r0 * m, nr * m)
-    full = out.reshape(m, m, k, nr, g.tw, c_out).transpose(2, 3, 0, 4, 1, 5)
-    full = full.reshape(k, nr * m, g.tw * m, c_out)
-    copy_pixels(y[g.i0 : g.i1, g.r0 * m : g.r0 * m + hr], full[:, :hr, :wo])
+    dst = _split(y[g.i0 : g.i1, g.r0 * m : g.r1 * m], (k, nr, m, g.tw, m, c_out))
+    copy_pixels(dst, out.reshape(m, m, k, nr, g.tw, c_out).transpose(2, 3, 0, 4, 1, 5))
+
+
+def _split(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """`a` reshaped to `shape` as a view (an error, never a silent copy)."""
+    view = a.view()
+    view.shape = shape
+    return view
 
 
 def winograd_conv2d(
@@ -298,18 +302,22 @@ def winograd_conv2d(
     """conv2d by Winograd's F(tile x tile, 3 x 3), group of tiles by group of tiles.
 
     x: `(N, H, W, C_in)`, w: `(3, 3, C_in, C_out)` -> `(N, H_out, W_out, C_out)`;
-    stride 1, dilation 1, any padding. `wg` replaces the matrices (for experiments)."""
+    stride 1, dilation 1, any padding. `wg` replaces the matrices (for experiments).
+    The tiles are written whole into an output rounded up to a multiple of the tile,
+    cut (one copy) unless `H_out` and `W_out` are multiples of it."""
     check_winograd(spec)
     wg = wg or WINOGRAD[tile]
     c_out = spec.w_shape[3]
     wt = transform_kernel(w, wg)  # (n^2, C_in, C_out)
     bufs = _winograd_buffers(spec, wg, cap, c_out)
-    y = np.empty(spec.out_shape, spec.dtype)
+    n, ho, wo, _ = spec.out_shape
+    th, tw = -(-ho // wg.m), -(-wo // wg.m)
+    y = np.empty((n, th * wg.m, tw * wg.m, c_out), spec.dtype)  # whole tiles
     for g in _tile_groups(spec, wg.m, cap):
         u = _input_tiles(x, spec, wg, g, bufs)
         mprod = np.matmul(u, wt, out=_front(bufs["M"], (wg.n**2, g.count, c_out)))
         _output_tiles(mprod, y, wg, g, bufs)
-    return y
+    return y if y.shape == spec.out_shape else np.ascontiguousarray(y[:, :ho, :wo])
 
 # %% ../book/09_winograd.ipynb #48f253fd
 def _output_grad_tiles(dy: np.ndarray, wg: Winograd, g: _Tiles, bufs) -> np.ndarray:
@@ -319,7 +327,7 @@ def _output_grad_tiles(dy: np.ndarray, wg: Winograd, g: _Tiles, bufs) -> np.ndar
     k, nr, p = g.i1 - g.i0, g.r1 - g.r0, g.count
     rows = fill_block(dy, g.i0, g.i1, g.r0 * m, 0, bufs["dy_rows"][:, : nr * m])
     tiles = _front(bufs["Y"], (m * m, p * c_out))
-    rows6 = rows.reshape(k, nr, m, g.tw, m, c_out).transpose(2, 4, 0, 1, 3, 5)
+    rows6 = _split(rows, (k, nr, m, g.tw, m, c_out)).transpose(2, 4, 0, 1, 3, 5)
     copy_pixels(tiles.reshape(m, m, k, nr, g.tw, c_out), rows6)
     out = _front(bufs["M"], (wg.n**2, p * c_out))
     return kron_apply(bufs["A"], tiles, out, bufs["tmp"]).reshape(wg.n**2, p, c_out)
