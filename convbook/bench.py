@@ -397,6 +397,31 @@ def _progress_line(row: dict) -> str:
     return f"{name:28s} auto/PyTorch {f:5.2f} forward, {b:5.2f} forward+backward"
 
 
+def _time_if_it_applies(
+    fn: Callable, supported: bool, repeat: int, budget: float
+) -> float | None:
+    """Median seconds of `fn()`, or None if the method cannot solve the problem (a
+    method of a later chapter may take only some geometries: its registry says so, or
+    it raises ValueError)."""
+    if not supported:
+        return None
+    try:
+        fn()
+    except ValueError:
+        return None
+    return _interleaved({"method": fn}, repeat, budget)["method"]
+
+
+def _time_methods(row: dict, spec, fwd, fwdbwd, repeat: int, budget: float) -> None:
+    """Every registered method of the row's layer, each alone, into `row`."""
+    for m in conv2d_methods():
+        ok = CONV2D_METHODS.supports(m, spec)
+        row["forward"][m] = _time_if_it_applies(fwd(m), ok, repeat, budget)
+    for m in conv2d_backward_methods():
+        ok = CONV2D_BACKWARD_METHODS.supports(m, spec)
+        row["fwdbwd"][m] = _time_if_it_applies(fwdbwd(m), ok, repeat, budget)
+
+
 def _run_layers(layers, repeat: int, budget: float, methods: str, progress) -> list:
     """The per-layer part of `run`: one row of median seconds per layer."""
     rng = np.random.default_rng(0)
@@ -422,10 +447,7 @@ def _run_layers(layers, repeat: int, budget: float, methods: str, progress) -> l
             "fwdbwd": CONV2D_BACKWARD_METHODS.choose(spec),
         }
         if methods == "all":
-            for m in conv2d_methods():
-                row["forward"][m] = _interleaved({m: fwd(m)}, repeat, budget)[m]
-            for m in conv2d_backward_methods():
-                row["fwdbwd"][m] = _interleaved({m: fwdbwd(m)}, repeat, budget)[m]
+            _time_methods(row, spec, fwd, fwdbwd, repeat, budget)
         results.append(row)
         progress(_progress_line(row))
     return results
@@ -585,9 +607,14 @@ def _column_groups(names: list[str], room: int = 57) -> list[list[str]]:
     return groups
 
 
+def _ratio_cell(t: float | None, ref: float, width: int) -> str:
+    return f"{t / ref:{width}.2f}" if t else f"{'-':>{width}s}"
+
+
 def _method_lines(report: dict, kind: str) -> list[str]:
     """Every method's time / PyTorch's faster layout's time, per layer (as many
-    tables as it takes to stay within 88 columns)."""
+    tables as it takes to stay within 88 columns; `-`: the method does not take the
+    layer)."""
     names = [m for m in report["layers"][0][kind] if m != "auto"]
     title = "forward" if kind == "forward" else "forward+backward"
     if not names:
@@ -598,7 +625,7 @@ def _method_lines(report: dict, kind: str) -> list[str]:
         lines.append(f"{'   layer':31s}" + "".join(f"{m:>{width[m]}s}" for m in group))
         for k, r in enumerate(report["layers"]):
             ref = r[f"torch_{kind}"]
-            cells = "".join(f"{r[kind][m] / ref:{width[m]}.2f}" for m in group)
+            cells = "".join(_ratio_cell(r[kind][m], ref, width[m]) for m in group)
             lines.append(f"{_name(k, r)}{cells}")
     return lines
 

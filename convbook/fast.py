@@ -9,6 +9,7 @@ import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, wait
+from itertools import islice
 from typing import Callable, Iterator
 
 import numpy as np
@@ -19,7 +20,7 @@ from .transpose import input_grad_padding, rot180
 from .windows import windows
 
 # %% auto #0
-__all__ = ['WORKSPACE_BYTES', 'SMALL_C', 'PARALLEL_TILES', 'MIN_PARALLEL_BYTES', 'Tile', 'plan_tiles', 'conv2d_fast',
+__all__ = ['WORKSPACE_BYTES', 'SMALL_C', 'PARALLEL_TILES', 'MIN_PARALLEL_BYTES', 'plan_tiles', 'conv2d_fast',
            'conv2d_backward_fast', 'tile_threads']
 
 # %% ../book/08_fast.ipynb #0225f1b1
@@ -323,13 +324,21 @@ def _blas_libraries() -> list:
     return _BLAS
 
 
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def tile_threads() -> int:
     """How many threads the tiled methods share their tiles out to: as many as NumPy's
-    BLAS may use (set with threadpoolctl or `convbook.bench.pinned_threads`); 1 if
-    `PARALLEL_TILES` is false or threadpoolctl is not installed."""
+    BLAS may use (set with threadpoolctl or `convbook.bench.pinned_threads`), at most
+    one per core; 1 if `PARALLEL_TILES` is false or threadpoolctl is not installed."""
     if not PARALLEL_TILES:
         return 1
-    return max([1, *(lib.get_num_threads() or 1 for lib in _blas_libraries())])
+    blas = max([1, *(lib.get_num_threads() or 1 for lib in _blas_libraries())])
+    return min(blas, _cores())
 
 # %% ../book/08_fast.ipynb #2c0b202f
 @contextlib.contextmanager
@@ -351,7 +360,8 @@ _POOL_LOCK = threading.Lock()  # one parallel tile loop at a time
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    """A pool of at least `threads` worker threads, kept for the next call."""
+    """A pool of at least `threads` worker threads (besides the caller), kept for the
+    next call."""
     global _POOL
     if _POOL is None or _POOL[0] < threads:
         if _POOL is not None:
@@ -370,39 +380,38 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 # %% ../book/08_fast.ipynb #8f67730b
-Tile = tuple[int, int, int, int]  # images [i0, i1), output rows [r0, r1)
+def _group_count(spec: ConvSpec, cap: int, by_image: bool) -> tuple[int, int]:
+    """How many groups of tiles there are, and how many tiles a group has: one tile
+    each, or (with `by_image`) all the row blocks of the same images."""
+    n, ho = spec.out_shape[:2]
+    nb, rb = plan_tiles(spec, cap)
+    images, rows = -(-n // nb), -(-ho // rb)
+    return (images, rows) if by_image else (images * rows, 1)
 
 
-def _tile_groups(spec: ConvSpec, cap: int, by_image: bool) -> list[list[Tile]]:
-    """The tiles in groups that one thread runs in order: every tile alone, or (with
-    `by_image`) the row blocks of the same images together."""
-    groups: list[list[Tile]] = []
-    for tile in _tiles(spec, cap):
-        if by_image and groups and groups[-1][0][0] == tile[0]:
-            groups[-1].append(tile)
-        else:
-            groups.append([tile])
-    return groups
+def _in_threads(spec, cap, threads, by_image, start: Callable, step: Callable) -> list:
+    """`threads` workers (this thread and `threads - 1` of the pool); worker `k` takes
+    the `k`-th of `threads` consecutive shares of the groups: `state = start()`, then
+    `step(state, tile)` for each of its tiles in order. Returns the states in worker
+    order, so that a sum over them is deterministic. The tiles are generated lazily,
+    never listed."""
+    groups, per_group = _group_count(spec, cap, by_image)
+    bounds = [round(k * groups / threads) * per_group for k in range(threads + 1)]
 
-
-def _in_threads(groups: list, threads: int, start: Callable, step: Callable) -> list:
-    """`threads` workers, worker `k` the `k`-th of `threads` consecutive shares of the
-    groups: `state = start()`, then `step(state, tile)` for each of its tiles in order.
-    Returns the states in worker order, so that a sum over them is deterministic."""
-
-    def worker(share):
+    def worker(first, last):
         state = start()
-        for group in share:
-            for tile in group:
-                step(state, tile)
+        for tile in islice(_tiles(spec, cap), first, last):
+            step(state, tile)
         return state
 
-    bounds = np.linspace(0, len(groups), threads + 1).round().astype(int)
-    shares = [groups[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    with _POOL_LOCK, _one_blas_thread():
-        futures = [_pool(threads).submit(worker, s) for s in shares]
-        wait(futures)
-    return [f.result() for f in futures]
+    shares = list(zip(bounds[:-1], bounds[1:]))
+    with _POOL_LOCK, _one_blas_thread():  # this thread takes the first share
+        futures = [_pool(threads - 1).submit(worker, a, b) for a, b in shares[1:]]
+        try:
+            first = worker(*shares[0])
+        finally:
+            wait(futures)
+    return [first] + [f.result() for f in futures]
 
 # %% ../book/08_fast.ipynb #b47d2f67
 def _thread_state_bytes(spec: ConvSpec) -> int:
@@ -427,10 +436,12 @@ def _run_tiles(
     if threads > 1 and whole >= MIN_PARALLEL_BYTES:
         share = cap // threads - _thread_state_bytes(spec)
         share = max(1, min(share, -(-whole // threads)))
-        groups = _tile_groups(spec, share, by_image)
-        if len(groups) > 1:
-            threads = min(threads, len(groups))
-            return _in_threads(groups, threads, lambda: start(share), step)
+        groups = _group_count(spec, share, by_image)[0]
+        if groups > 1:
+            threads = min(threads, groups)
+            return _in_threads(
+                spec, share, threads, by_image, lambda: start(share), step
+            )
     state = start(cap)
     for tile in _tiles(spec, cap):
         step(state, tile)

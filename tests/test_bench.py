@@ -17,7 +17,7 @@ from threadpoolctl import threadpool_info
 
 import convbook
 from convbook import bench
-from convbook.backward import conv2d_backward_methods
+from convbook.backward import conv2d_backward, conv2d_backward_methods
 from convbook.conv import conv2d, conv2d_methods
 from convbook.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
 from convbook.train import emnist_cnn
@@ -161,8 +161,21 @@ def test_run_report_on_a_tiny_suite(restore_threads):
             both = {lay: row["torch"][lay][kind] for lay in bench.LAYOUTS}
             assert row[f"torch_{kind}"] == min(both.values())
             assert both[row["torch_layout"][kind]] == min(both.values())
-        assert all(v > 0 for v in [*row["forward"].values(), *row["fwdbwd"].values(),
-                                   row["torch_forward"], row["torch_fwdbwd"]])
+        assert row["forward"]["auto"] > 0 and row["fwdbwd"]["auto"] > 0
+        assert row["torch_forward"] > 0 and row["torch_fwdbwd"] > 0
+        x, w, dy, geom, _ = bench._problem(layer, np.random.default_rng(0))
+        for m, t in row["forward"].items():  # None only where the method refuses the layer
+            if t is None:
+                with pytest.raises(ValueError):
+                    conv2d(x, w, **geom, method=m)
+            else:
+                assert t > 0
+        for m, t in row["fwdbwd"].items():
+            if t is None:
+                with pytest.raises(ValueError):
+                    conv2d_backward(dy, x, w, **geom, method=m)
+            else:
+                assert t > 0
     for key, against in (("summary", None), ("summary_nchw", "nchw")):
         ref = [r["torch_forward"] if against is None else r["torch"]["nchw"]["forward"]
                for r in report["layers"]]

@@ -109,7 +109,9 @@ def test_tiles_cover_the_output_once_and_fit_the_cap(layer):
 
 
 def _peak_extra(fn, *result_bytes):
-    """Peak bytes traced by tracemalloc during fn() beyond the arrays it returns."""
+    """Peak bytes traced by tracemalloc during fn() beyond the arrays it returns, after one untimed
+    call (which may make the thread pool once: not part of a call's workspace)."""
+    fn()
     tracemalloc.start()
     tracemalloc.reset_peak()
     out = fn()
@@ -181,17 +183,17 @@ def test_tiles_on_several_threads_agree_with_pytorch(threads, c_in, stride):
     3 threads, on problems big enough for several tiles per thread, rows split or whole images."""
     rng = np.random.default_rng(threads)
     with threadpool_limits(limits=threads, user_api="blas"):
-        assert fast.tile_threads() == threads
+        assert fast.tile_threads() == min(threads, fast._cores())  # one per core at most
         for shape in [(13, 17, 15, c_in), (1, 60, 23, c_in)]:  # whole images; one image in row blocks
             x = rng.standard_normal(shape)
             w = rng.standard_normal((3, 3, c_in, 6))
             for cap in (60_000, WORKSPACE_BYTES):
                 check_fast(x, w, dict(stride=stride, padding=1), cap, True, np.float64)
-    assert fast.tile_threads() == max(_blas_threads())
+    assert fast.tile_threads() == min(max(_blas_threads()), fast._cores())
 
 
 def test_parallel_tiles_really_run_on_threads_with_one_blas_thread_each(monkeypatch):
-    """The steps run in worker threads (not the caller's), with BLAS at one thread inside them, and the
+    """The steps run on two threads (the caller and a worker), with BLAS at one thread inside them, and the
     BLAS thread count is restored afterwards; MIN_PARALLEL_BYTES keeps tiny problems in one thread."""
     seen = []
     real = fast._im2col_tile
@@ -208,7 +210,7 @@ def test_parallel_tiles_really_run_on_threads_with_one_blas_thread_each(monkeypa
         fast.conv2d_fast(x, w, spec)
         assert max(_blas_threads()) == 2
         workers = {ident for ident, _ in seen}
-        assert threading.get_ident() not in workers and len(workers) == 2
+        assert threading.get_ident() in workers and len(workers) == 2  # the caller and one more
         assert {blas for _, blas in seen} == {1}
         seen.clear()
         fast.conv2d_fast(x[:1, :4], w, conv_spec(x[:1, :4], w, padding=1)[3])  # tiny: here
@@ -237,19 +239,31 @@ def test_parallel_backward_is_deterministic_and_equals_one_thread():
     assert_close(runs[0][1], dw1, np.float32) and assert_close(runs[0][0], dx1, np.float32)
 
 
-def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_rows():
+def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_rows(monkeypatch):
     """col2im adds each tile's rows into dx, and neighbouring row blocks share halo rows: with
-    by_image every image's blocks are one group, so no two threads add into the same rows."""
-    x = np.zeros((3, 50, 9, 2), np.float32)
+    by_image the threads' shares are cut between images, so no two threads add into the same rows;
+    without it, between any tiles. Every tile is run exactly once either way."""
+    x = np.zeros((5, 50, 9, 2), np.float32)
     w = np.zeros((3, 3, 2, 4), np.float32)
     _, _, _, spec = conv_spec(x, w, padding=1)
     cap = 3_000  # several row blocks per image
-    assert plan_tiles(spec, cap)[1] < spec.out_shape[1]
-    groups = fast._tile_groups(spec, cap, by_image=True)
-    assert len(groups) == 3 and [t for g in groups for t in g] == list(fast._tiles(spec, cap))
-    for g in groups:
-        assert len({t[0] for t in g}) == 1
-    assert len(fast._tile_groups(spec, cap, by_image=False)) == len(list(fast._tiles(spec, cap)))
+    nb, rb = plan_tiles(spec, cap)
+    assert rb < spec.out_shape[1]
+    assert fast._group_count(spec, cap, True) == (-(-5 // nb), -(-50 // rb))
+    for by_image in (True, False):
+        for threads in (2, 3):
+            seen = []
+            fast._in_threads(spec, cap, threads, by_image, lambda: [],
+                             lambda state, tile: (state.append(tile), seen.append(tile)))
+            assert sorted(seen) == sorted(fast._tiles(spec, cap))  # each tile once
+            states = fast._in_threads(spec, cap, threads, by_image, lambda: [],
+                                      lambda state, tile: state.append(tile))
+            images = [{t[0] for t in state} for state in states]
+            if by_image:
+                assert all(not (a & b) for k, a in enumerate(images) for b in images[k + 1:])
+    rows_split = [{t[0] for t in s} for s in fast._in_threads(spec, cap, 2, False, lambda: [],
+                                                             lambda st, t: st.append(t))]
+    assert rows_split[0] & rows_split[1], "without by_image an image is split: the check can fail"
 
 
 def test_workspace_with_two_threads_stays_under_the_cap():
