@@ -24,8 +24,9 @@ __all__ = ['AT_INFINITY', 'INTERPOLATION_POINTS', 'WINOGRAD', 'WINOGRAD_TILE_BYT
            'winograd_weight_grad', 'input_grad_phases', 'check_stride1', 'dilated_conv2d', 'dilated_backward',
            'fft_size', 'FFTPlan', 'Rates', 'plan_fft', 'kernel_spectrum', 'fft_conv2d', 'fft_weight_grad',
            'taps_conv2d', 'forward_costs', 'backward_costs', 'choose_conv2d', 'choose_conv2d_backward',
-           'conv2d_winograd', 'conv2d_winograd4', 'conv2d_fft', 'conv2d_dilated', 'conv2d_taps', 'conv2d_backward_fft',
-           'conv2d_backward_phases', 'conv2d_backward_dilated', 'calibrate']
+           'winograd_supports', 'stride1_supports', 'finite', 'conv2d_winograd', 'conv2d_winograd4', 'conv2d_fft',
+           'conv2d_dilated', 'conv2d_taps', 'conv2d_backward_fft', 'conv2d_backward_phases', 'conv2d_backward_dilated',
+           'calibrate']
 
 # %% ../book/09_winograd.ipynb #504864dd
 AT_INFINITY = math.inf  # the point at infinity: a polynomial's leading coefficient
@@ -862,25 +863,61 @@ def _picked(name: str, backward: bool = False):
     return lambda spec: USE_IN_AUTO and choose(spec) == name
 
 
-@register_conv2d("winograd", priority=200, applies=_picked("winograd"))
+def winograd_supports(spec: ConvSpec) -> bool:
+    """The problems Winograd's F(m x m, 3 x 3) solves: 3x3 kernels, stride 1,
+    dilation 1 (`check_winograd` says why not)."""
+    return spec.w_shape[:2] == (3, 3) and spec.stride == spec.dilation == (1, 1)
+
+
+def stride1_supports(spec: ConvSpec) -> bool:
+    """The problems the FFT and the dilated phases solve: stride 1."""
+    return spec.stride == (1, 1)
+
+
+def finite(*arrays: np.ndarray) -> bool:
+    """Whether every number in `arrays` is finite, by one sum each (a NaN or an infinity
+    makes the sum NaN or infinite; an overflowing sum of finite numbers only errs on the
+    safe side)."""
+    return all(np.isfinite(np.sum(a)) for a in arrays)
+
+
+# Winograd and the FFT mix every input of a tile (or an image) into every output of it,
+# so one NaN or infinity would spoil outputs whose windows never read it. On data that is
+# not finite they hand over to chapter 8's exact method, which gives PyTorch's NaNs and
+# infinities (tests/test_nonfinite.py).
+
+
+@register_conv2d(
+    "winograd", 200, applies=_picked("winograd"), supports=winograd_supports
+)
 def conv2d_winograd(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="winograd")`: F(2x2, 3x3)."""
+    if not finite(x):
+        return conv2d_fast(x, w, spec)
     return winograd_conv2d(x, w, spec, 2)
 
 
-@register_conv2d("winograd4", priority=200, applies=_picked("winograd4"))
+@register_conv2d(
+    "winograd4", 200, applies=_picked("winograd4"), supports=winograd_supports
+)
 def conv2d_winograd4(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="winograd4")`: F(4x4, 3x3)."""
+    if not finite(x):
+        return conv2d_fast(x, w, spec)
     return winograd_conv2d(x, w, spec, 4)
 
 
-@register_conv2d("fft", priority=200, applies=_picked("fft"))
+@register_conv2d("fft", 200, applies=_picked("fft"), supports=stride1_supports)
 def conv2d_fft(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="fft")`: stride 1, any kernel, padding and dilation."""
+    if not finite(x):
+        return conv2d_fast(x, w, spec)
     return fft_conv2d(x, w, spec)
 
 
-@register_conv2d("dilated", priority=200, applies=_picked("dilated"))
+@register_conv2d(
+    "dilated", 200, applies=_picked("dilated"), supports=stride1_supports
+)
 def conv2d_dilated(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="dilated")`: stride 1; each phase by its `"auto"` method."""
     return dilated_conv2d(x, w, spec, lambda a, b, s: _auto(s)(a, b, s))
@@ -895,6 +932,8 @@ def conv2d_taps(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
 def _winograd_backward(m: int):
     def backward(dy, x, w, spec: ConvSpec, input_grad: bool = True):
         check_winograd(spec)
+        if not finite(dy, x):
+            return conv2d_backward_fast(dy, x, w, spec, input_grad)
         dx = None
         if input_grad:
             fwd = lambda a, b, s: winograd_conv2d(a, b, s, m)  # noqa: E731
@@ -907,14 +946,20 @@ def _winograd_backward(m: int):
 
 
 for _name, _m in (("winograd", 2), ("winograd4", 4)):
-    register_conv2d_backward(_name, 200, _picked(_name, True))(_winograd_backward(_m))
+    register_conv2d_backward(
+        _name, 200, _picked(_name, True), supports=winograd_supports
+    )(_winograd_backward(_m))
 
 
-@register_conv2d_backward("fft", priority=200, applies=_picked("fft", True))
+@register_conv2d_backward(
+    "fft", 200, applies=_picked("fft", True), supports=stride1_supports
+)
 def conv2d_backward_fft(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     """`(dx, dw)` by FFT (stride 1): `dx` as the FFT convolution of `dy` with the
     rotated kernel, `dw` from `X conj(DY)` per frequency."""
     check_stride1(spec, "fft")
+    if not finite(dy, x):
+        return conv2d_backward_fast(dy, x, w, spec, input_grad)
     dx = input_grad_phases(dy, w, spec, fft_conv2d) if input_grad else None
     return dx, fft_weight_grad(dy, x, spec)
 
@@ -929,7 +974,9 @@ def conv2d_backward_phases(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     return dx, conv2d_backward_fast(dy, x, w, spec, False)[1]
 
 
-@register_conv2d_backward("dilated", priority=200, applies=_picked("dilated", True))
+@register_conv2d_backward(
+    "dilated", 200, applies=_picked("dilated", True), supports=stride1_supports
+)
 def conv2d_backward_dilated(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     """`(dx, dw)` of a dilated stride-1 convolution from its `d_h * d_w` sub-problems,
     each by its `"auto"` backward method."""

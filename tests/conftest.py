@@ -99,12 +99,16 @@ LAYOUTS = ["contiguous", "nchw", "strided", "flipped", "fortran"]
 
 
 @st.composite
-def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11):
-    """Random valid conv2d problems: shapes, stride, padding (all forms), dilation, layouts."""
+def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11, kernel=None, stride=None,
+               dilation=None):
+    """Random valid conv2d problems: shapes, stride, padding (all forms), dilation, layouts.
+    `kernel`, `stride`, `dilation` fix those (a method's domain, see DOMAINS)."""
     n, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    dilation = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    kh, kw = (kernel, kernel) if kernel else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    if stride is None:
+        stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    if dilation is None:
+        dilation = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
     forms = ["int", "pair", "explicit", "valid"] + (["same"] if allow_same and (sh, sw) == (1, 1) else [])
@@ -204,6 +208,27 @@ def emnist_dir(request) -> Path:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
     return folder
+
+
+# The domains of the methods that do not solve every problem (chapter 9's), as fixed parameters of
+# conv_cases, so that their property tests draw only problems they solve.
+# test_domains_match_the_registry checks that this table and the registry agree.
+DOMAINS = {
+    "winograd": dict(kernel=3, stride=1, dilation=1),
+    "winograd4": dict(kernel=3, stride=1, dilation=1),
+    "fft": dict(stride=1),
+    "dilated": dict(stride=1),
+}
+
+
+def cases_for(method: str, dtype=np.float64, **kw):
+    """conv_cases restricted to `method`'s domain."""
+    return conv_cases(dtype, **kw, **DOMAINS.get(method, {}))
+
+
+def general_methods(registry) -> list[str]:
+    """The registered methods that solve every problem (no `supports` test)."""
+    return [m for m in registry.names() if m not in registry._supports]
 
 
 def require_support(registry, method: str, x, w, **kw) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from convbook import conv2d, conv2d_methods, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
 from convbook.conv import CONV2D_METHODS, conv_spec, padded
-from conftest import assert_close, conv_cases, require_support, torch_conv2d
+from conftest import (assert_close, cases_for, conv_cases, general_methods, require_support,
+                      torch_conv2d)
 
 METHODS = ["auto", *conv2d_methods()]
+GENERAL = ["auto", *general_methods(CONV2D_METHODS)]  # the methods that solve every problem
 
 
 def check_conv2d(impl, case, dtype):
@@ -20,15 +23,17 @@ def check_conv2d(impl, case, dtype):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@given(case=conv_cases(np.float64))
-def test_conv2d_float64(method, case):
+@given(data=st.data())
+def test_conv2d_float64(method, data):
+    case = data.draw(cases_for(method, np.float64))
     require_support(CONV2D_METHODS, method, case.x, case.w, **case.kwargs)
     check_conv2d(lambda *a, **k: conv2d(*a, method=method, **k), case, np.float64)
 
 
 @pytest.mark.parametrize("method", METHODS)
-@given(case=conv_cases(np.float32))
-def test_conv2d_float32(method, case):
+@given(data=st.data())
+def test_conv2d_float32(method, data):
+    case = data.draw(cases_for(method, np.float32))
     require_support(CONV2D_METHODS, method, case.x, case.w, **case.kwargs)
     check_conv2d(lambda *a, **k: conv2d(*a, method=method, **k), case, np.float32)
 
@@ -52,7 +57,7 @@ def test_property_catches_wrong_implementations(wrong):
         prop()
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", GENERAL)
 @pytest.mark.parametrize("xs,ws,kw", [
     ((1, 6, 5, 1), (1, 1, 1, 1), {}),                                   # 1x1 kernel, C = 1, batch 1
     ((2, 6, 5, 3), (1, 1, 3, 4), dict(stride=2)),                      # 1x1 kernel with stride
@@ -64,7 +69,6 @@ def test_property_catches_wrong_implementations(wrong):
 ])
 def test_conv2d_edge_cases(method, xs, ws, kw, rng):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[3])
-    require_support(CONV2D_METHODS, method, x, w, **kw)
     assert_close(conv2d(x, w, b, method=method, **kw), torch_conv2d(x, w, b, **kw), np.float64)
 
 
@@ -93,3 +97,25 @@ def test_auto_picks_a_registered_method_and_no_padding_copy(rng):
     xc, _, _, spec = conv_spec(x, w)
     assert padded(xc, spec) is xc        # no padding: no copy
     assert set(conv2d_methods()) >= {"naive", "einsum"}
+
+
+@pytest.mark.parametrize("registry", ["conv2d", "conv2d_backward"])
+def test_domains_match_the_registry(registry):
+    """conftest's DOMAINS names every method that has a domain, and the cases it draws for a
+    method are ones the method's `supports` accepts (the table cannot go stale unnoticed)."""
+    from conftest import DOMAINS
+
+    from convbook.backward import CONV2D_BACKWARD_METHODS
+
+    reg = CONV2D_METHODS if registry == "conv2d" else CONV2D_BACKWARD_METHODS
+    restricted = [m for m in reg.names() if m not in general_methods(reg)]
+    assert set(restricted) <= set(DOMAINS), f"no domain in conftest.DOMAINS for {restricted}"
+
+    @settings(max_examples=40)
+    @given(data=st.data())
+    def prop(data):
+        for m in restricted:
+            case = data.draw(cases_for(m))
+            assert reg.supports(m, conv_spec(case.x, case.w, **case.kwargs)[3]), m
+
+    prop()

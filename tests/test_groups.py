@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convbook import conv2d, conv2d_backward, conv2d_backward_methods, conv2d_methods
-from conftest import LAYOUTS, assert_close, make_layout, require_support, to_t
+from conftest import LAYOUTS, assert_close, general_methods, make_layout, require_support, to_t
 from convbook.backward import CONV2D_BACKWARD_METHODS
 from convbook.conv import CONV2D_METHODS
 
@@ -52,7 +52,7 @@ def torch_grads(dy, x, w, g, geom):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("method", ["auto", *conv2d_methods()])
+@pytest.mark.parametrize("method", ["auto", *general_methods(CONV2D_METHODS)])
 @settings(max_examples=60)
 @given(data=st.data())
 def test_grouped_forward(method, dtype, data):
@@ -64,7 +64,7 @@ def test_grouped_forward(method, dtype, data):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("method", ["auto", *conv2d_backward_methods()])
+@pytest.mark.parametrize("method", ["auto", *general_methods(CONV2D_BACKWARD_METHODS)])
 @settings(max_examples=60)
 @given(data=st.data())
 def test_grouped_backward(method, dtype, data):
