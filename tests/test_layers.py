@@ -1,6 +1,7 @@
 """The layers, loss and optimizers of chapter 7b against PyTorch (autograd, torch.optim,
-F.cross_entropy) and finite differences; saving and loading chapter 7's model; deliberately
-wrong layers that the properties must catch.
+F.cross_entropy, nn.BatchNorm2d/1d with their running statistics) and finite differences;
+saving and loading chapter 7's model; deliberately wrong layers that the properties must
+catch.
 
 Tolerances (conftest.assert_close): max |ours - torch| <= 1e-10 * (1 + max |torch|) in float64
 and 2e-5 * (1 + max |torch|) in float32. ReLU, Flatten, Dropout and the max-pool outputs only
@@ -20,8 +21,8 @@ from hypothesis import strategies as st
 
 from convbook import (hwio_to_oihw, max_pool2d, max_pool2d_backward, nchw_to_nhwc, nhwc_to_nchw,
                       oihw_to_hwio)
-from convbook.layers import (SGD, Adam, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU,
-                             Sequential, softmax_cross_entropy)
+from convbook.layers import (SGD, Adam, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
+                             MaxPool2d, ReLU, Sequential, softmax_cross_entropy)
 from convbook.train import Model, emnist_cnn, load_model
 from conftest import assert_close, conv_cases, pool_cases, to_t
 from test_pool import option_cases
@@ -65,6 +66,14 @@ def seeded_dropout(x, p, seed):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return F.dropout(x, p, training=True)
+
+
+def assert_caught(strategy, check, *, max_examples=100, errors=AssertionError):
+    """A property that must fail: `check` over `strategy`'s examples raises `errors` for one
+    of the first `max_examples` (so a deliberately wrong implementation is caught)."""
+    prop = settings(max_examples=max_examples, report_multiple_bugs=False)(given(strategy)(check))
+    with pytest.raises(errors):
+        prop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,10 +291,8 @@ class MaxPool2dColumnsFirst(MaxPool2d):
 
 
 def test_property_catches_a_fast_path_with_the_wrong_tie_order():
-    prop = settings(max_examples=200, report_multiple_bugs=False)(given(two_by_two_cases())(
-        lambda case: check_max_pool((case[0], 2, None, 0), cls=MaxPool2dColumnsFirst)))
-    with pytest.raises(AssertionError):
-        prop()
+    assert_caught(two_by_two_cases(), lambda case: check_max_pool((case[0], 2, None, 0), cls=MaxPool2dColumnsFirst),
+                  max_examples=200)
 
 
 @pytest.mark.parametrize("kernel", [2, 3])
@@ -686,18 +693,13 @@ class AdamWithoutBiasCorrection(Adam):
 
 
 def test_property_catches_relu_passing_gradient_at_zero():
-    prop = settings(max_examples=100, report_multiple_bugs=False)(given(relu_inputs())(
-        lambda x: check_relu(x, cls=ReLUPassingAtZero)))
-    with pytest.raises(AssertionError):
-        prop()
+    assert_caught(relu_inputs(), lambda x: check_relu(x, cls=ReLUPassingAtZero))
 
 
 def test_property_catches_linear_without_transpose():
-    prop = settings(max_examples=100, report_multiple_bugs=False)(given(
-        st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))(
-        lambda n, n_in, n_out, dtype, seed: check_linear(n, n_in, n_out, dtype, seed, cls=LinearWithoutTranspose)))
-    with pytest.raises((AssertionError, ValueError)):
-        prop()
+    shapes = st.tuples(st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))
+    assert_caught(shapes, lambda args: check_linear(*args, cls=LinearWithoutTranspose),
+                  errors=(AssertionError, ValueError))
 
 
 def test_linear_without_transpose_is_caught_on_square_layers():
@@ -707,10 +709,8 @@ def test_linear_without_transpose_is_caught_on_square_layers():
 
 
 def test_property_catches_adam_without_bias_correction():
-    prop = settings(max_examples=100, report_multiple_bugs=False)(given(optimizer_runs())(
-        lambda run: check_optimizer(run, ours_cls=AdamWithoutBiasCorrection if run[0] is Adam else None)))
-    with pytest.raises(AssertionError):
-        prop()
+    assert_caught(optimizer_runs(),
+                  lambda run: check_optimizer(run, ours_cls=AdamWithoutBiasCorrection if run[0] is Adam else None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,6 +751,13 @@ def test_relu_of_minus_inf_is_zero():
     (lambda: Dropout("0.5"), TypeError, "p must be a number"),
     (lambda: Dropout(1), ValueError, "p must be in"),
     (lambda: Dropout(0.5, rng="seed"), TypeError, "rng"),
+    (lambda: BatchNorm2d(0), ValueError, "channels must be >= 1"),
+    (lambda: BatchNorm2d(2.0), TypeError, "channels must be an int"),
+    (lambda: BatchNorm2d(4, eps=0), ValueError, "eps must be > 0"),
+    (lambda: BatchNorm2d(4, eps="1e-5"), TypeError, "eps must be a number"),
+    (lambda: BatchNorm2d(4, momentum=1.01), ValueError, r"momentum must be in \[0, 1\]"),
+    (lambda: BatchNorm1d(4, momentum=-0.1), ValueError, "momentum must be >= 0"),
+    (lambda: BatchNorm1d(4, dtype=np.int32), TypeError, "dtype"),
     (lambda: Sequential(ReLU(), np.tanh), TypeError, "layer 1 must be a Layer"),
     (lambda: SGD({}, lr=-1), ValueError, "lr"),
     (lambda: SGD({}, momentum="0.9"), TypeError, "momentum"),
@@ -876,3 +883,218 @@ def test_save_load_keeps_float64(tmp_path):
     assert all(a.dtype == np.float64 for a in back.net.parameters().values())
     images = g.integers(0, 256, (5, 28, 28), dtype=np.uint8)
     assert np.array_equal(back.logits(images), model.logits(images))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch normalisation: forward, dx, dw, db and the running statistics against nn.BatchNorm2d/1d,
+# through a sequence of training and evaluation steps
+
+
+@st.composite
+def batch_norm_runs(draw):
+    """A layer class, its settings and a sequence of (input, dy, mode) steps."""
+    cls = draw(st.sampled_from([BatchNorm2d, BatchNorm1d]))
+    dtype, c = draw(DTYPES), draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kw = dict(eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])))
+    modes = draw(st.lists(st.sampled_from(["train", "eval"]), min_size=1, max_size=5))
+    steps = []
+    for mode in modes:
+        if cls is BatchNorm2d:
+            shape = (draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6)), c)
+        else:
+            shape = (draw(st.integers(1, 20)), c)
+        if mode == "train" and np.prod(shape) == c:  # one value per channel: training refuses it
+            shape = (2,) + shape[1:]
+        x = (rng.uniform(-3, 3, c) + rng.uniform(0.1, 3, c) * rng.standard_normal(shape)).astype(dtype)
+        steps.append((x, rng.standard_normal(shape).astype(dtype), mode))
+    gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
+    return cls, dtype, kw, gamma, beta, steps
+
+
+def check_batch_norm(run, cls=None):
+    layer_cls, dtype, kw, gamma, beta, steps = run
+    layer = (cls or layer_cls)(len(gamma), dtype=dtype, **kw)
+    layer.params["w"][...], layer.params["b"][...] = gamma, beta
+    module = (torch.nn.BatchNorm2d if layer_cls is BatchNorm2d else torch.nn.BatchNorm1d)(
+        len(gamma), **kw).to(torch_dtype(dtype))
+    with torch.no_grad():
+        module.weight.copy_(to_t(gamma))
+        module.bias.copy_(to_t(beta))
+    nchw = (lambda a: nhwc_to_nchw(a)) if layer_cls is BatchNorm2d else (lambda a: a)
+    nhwc = (lambda a: nchw_to_nhwc(a)) if layer_cls is BatchNorm2d else (lambda a: a)
+    for x, dy, mode in steps:
+        layer.training = mode == "train"
+        module.train(layer.training)
+        y, dx = layer.forward(x), layer.backward(dy)
+        y_ref, dx_ref = autograd(module, nchw(x), nchw(dy))
+        assert y.dtype == dtype and dx.dtype == dtype
+        assert_close(y, nhwc(y_ref), dtype)
+        assert_close(dx, nhwc(dx_ref), dtype)
+        assert_close(layer.grads["w"], module.weight.grad.numpy(), dtype)
+        assert_close(layer.grads["b"], module.bias.grad.numpy(), dtype)
+        assert_close(layer.bufs["running_mean"], module.running_mean.numpy(), dtype)
+        assert_close(layer.bufs["running_var"], module.running_var.numpy(), dtype)
+        module.zero_grad()
+
+
+@given(batch_norm_runs())
+def test_batch_norm_equals_torch_in_training_and_evaluation(run):
+    check_batch_norm(run)
+
+
+def test_batch_norm_at_the_size_of_chapter_7s_network():
+    """The outputs of both convolutions of emnist_cnn and of its first Linear, float32: sums of
+    up to 50,176 terms per channel stay within the float32 tolerance."""
+    rng = np.random.default_rng(0)
+    for cls, shape in [(BatchNorm2d, (64, 28, 28, 32)), (BatchNorm2d, (64, 14, 14, 64)),
+                       (BatchNorm1d, (64, 128))]:
+        c = shape[-1]
+        steps = [((2 + 3 * rng.standard_normal(shape)).astype(np.float32),
+                  rng.standard_normal(shape).astype(np.float32), mode) for mode in ("train", "train", "eval")]
+        run = (cls, np.float32, dict(eps=1e-5, momentum=0.1), rng.standard_normal(c).astype(np.float32),
+               rng.standard_normal(c).astype(np.float32), steps)
+        check_batch_norm(run)
+
+
+class BatchNormMeanConstant(BatchNorm2d):
+    """Wrong: the gradient does not flow through the batch mean (the -mean(dy) term is lost)."""
+
+    def backward(self, dy):
+        dx = super().backward(dy)
+        if not self.training:
+            return dx
+        scale = self.params["w"] * self.inv_std
+        return dx + (self.grads["b"] / (dx.size // len(scale)) * scale)
+
+
+class BatchNorm1dBiasedRunningVar(BatchNorm1d):
+    """Wrong: the running variance takes the biased batch variance (divided by m, not m - 1)."""
+
+    def _update_running(self, mean, var, m):
+        super()._update_running(mean, var * (m - 1) / m, m)
+
+
+def test_property_catches_a_batch_norm_gradient_that_ignores_the_mean():
+    assert_caught(batch_norm_runs(),
+                  lambda run: check_batch_norm(run, cls=BatchNormMeanConstant if run[0] is BatchNorm2d else None))
+
+
+def test_property_catches_a_biased_running_variance():
+    assert_caught(batch_norm_runs(),
+                  lambda run: check_batch_norm(run, cls=BatchNorm1dBiasedRunningVar if run[0] is BatchNorm1d else None))
+
+
+def test_batch_norm_gradient_is_blind_to_shift_and_scale():
+    """By construction, in training: each channel's dx sums to 0, and a bias added before the
+    layer gets the gradient 0; in evaluation, dx = dy * w / sqrt(running_var + eps)."""
+    rng = np.random.default_rng(1)
+    layer = BatchNorm2d(3, dtype=np.float64)
+    layer.params["w"][:] = [2.0, -1.0, 0.5]
+    x, dy = 5 + rng.standard_normal((4, 3, 5, 3)), rng.standard_normal((4, 3, 5, 3))
+    layer.forward(x)
+    dx = layer.backward(dy)
+    assert np.abs(dx.sum(axis=(0, 1, 2))).max() < 1e-12
+    layer.training = False
+    layer.forward(x)
+    expected = dy * layer.params["w"] / np.sqrt(layer.bufs["running_var"] + layer.eps)
+    assert np.abs(layer.backward(dy) - expected).max() < 1e-14
+
+
+def test_batch_norm_nan_and_inf_like_torch():
+    """A NaN or an infinity in one channel makes that channel (only) NaN, in the output, dx and
+    the running statistics, as in PyTorch; the other channels are untouched."""
+    x = np.random.default_rng(2).standard_normal((4, 3, 3, 3))
+    x[1, 2, 0, 0], x[0, 0, 1, 2] = np.nan, np.inf
+    dy = np.ones_like(x)
+    layer, module = BatchNorm2d(3, dtype=np.float64), torch.nn.BatchNorm2d(3).double()
+    with np.errstate(invalid="ignore"):
+        y, dx = layer.forward(x), layer.backward(dy)
+    y_ref, dx_ref = autograd(module, nhwc_to_nchw(x), nhwc_to_nchw(dy))
+    for ours, ref in [(y, nchw_to_nhwc(y_ref)), (dx, nchw_to_nhwc(dx_ref)),
+                      (layer.bufs["running_mean"], module.running_mean.numpy()),
+                      (layer.bufs["running_var"], module.running_var.numpy())]:
+        assert np.array_equal(np.isnan(ours), np.isnan(ref))
+        assert_close(np.nan_to_num(ours), np.nan_to_num(ref), np.float64)
+    assert np.isnan(y[..., [0, 2]]).all() and not np.isnan(y[..., 1]).any()
+
+
+def test_batch_norm_refuses_one_value_per_channel_in_training_only():
+    for layer, x in [(BatchNorm2d(2), np.ones((1, 1, 1, 2), np.float32)), (BatchNorm1d(2), np.ones((1, 2), np.float32))]:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer.forward(x)
+        layer.training = False
+        assert np.array_equal(layer.forward(x), x / np.sqrt(1 + layer.eps, dtype=np.float32))
+
+
+@pytest.mark.parametrize("make,x,words", [
+    (lambda: BatchNorm2d(3), np.zeros((2, 4, 4, 2), np.float32), r"\(N, H, W, C\) with C = 3"),
+    (lambda: BatchNorm2d(3), np.zeros((2, 3), np.float32), r"\(N, H, W, C\)"),
+    (lambda: BatchNorm1d(3), np.zeros((2, 1, 1, 3), np.float32), r"\(N, C\) with C = 3"),
+])
+def test_batch_norm_names_a_wrong_input_shape(make, x, words):
+    with pytest.raises(ValueError, match=words):
+        make().forward(x)
+
+
+def test_batch_norm_rejects_integer_input():
+    with pytest.raises(TypeError, match="floating"):
+        BatchNorm1d(3).forward(np.zeros((4, 3), np.int64))
+
+
+def test_batch_norm_config_is_json_and_rebuilds_the_layer():
+    layer = BatchNorm2d(np.int64(5), eps=np.float64(1e-3), momentum=np.float32(0.5), dtype="float64")
+    for _ in range(3):
+        layer.forward(np.random.default_rng(3).standard_normal((4, 3, 3, 5)))
+    cfg = layer.config()
+    assert json.loads(json.dumps(cfg)) == cfg and all(type(v) in (int, float, str) for v in cfg.values())
+    rebuilt = BatchNorm2d(**json.loads(json.dumps(cfg)))
+    for name in ("params", "bufs"):
+        for k, v in getattr(layer, name).items():
+            getattr(rebuilt, name)[k][...] = v
+    layer.training = rebuilt.training = False
+    x = np.random.default_rng(4).standard_normal((2, 3, 3, 5))
+    assert np.array_equal(rebuilt.forward(x), layer.forward(x))
+
+
+def test_sequential_collects_buffers_and_the_optimizer_leaves_them_alone():
+    g = np.random.default_rng(0)
+    net = Sequential(Conv2d(1, 2, 3, padding=1, rng=g), BatchNorm2d(2), ReLU(),
+                     Sequential(Flatten(), Linear(2 * 5 * 5, 3, rng=g), BatchNorm1d(3)))
+    assert sorted(net.buffers()) == ["1.running_mean", "1.running_var", "3.2.running_mean", "3.2.running_var"]
+    assert not set(net.buffers()) & set(net.parameters())
+    opt = Adam(net.parameters(), lr=0.1)
+    net.forward(g.standard_normal((4, 5, 5, 1)).astype(np.float32))
+    before = {k: v.copy() for k, v in net.buffers().items()}
+    net.backward(np.ones((4, 3), np.float32))
+    opt.step(net.gradients())
+    assert all(np.array_equal(v, before[k]) for k, v in net.buffers().items())
+    assert net.eval().layers[1].training is False and net.layers[3].layers[2].training is False
+
+
+# ---------------------------------------------------------------------------------------------
+# Class weights in the loss
+
+
+@given(st.integers(1, 30), st.integers(2, 20), st.sampled_from([1.0, 1e4]), DTYPES, st.integers(0, 2**32 - 1))
+def test_weighted_cross_entropy_equals_torch(n, k, scale, dtype, seed):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.standard_normal((n, k))).astype(dtype)
+    labels = rng.integers(0, k, size=n)
+    weight = rng.random(k) * (rng.random(k) > 0.3)
+    weight[labels[0]] += 0.5  # at least one image weighs something
+    loss, grad = softmax_cross_entropy(logits, labels, weight)
+    tz = to_t(logits).requires_grad_()
+    ref = F.cross_entropy(tz, torch.from_numpy(labels), weight=to_t(weight.astype(dtype)))
+    ref.backward()
+    assert isinstance(loss, float) and grad.dtype == dtype
+    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (1 + abs(ref.item()))
+    assert_close(grad, tz.grad.numpy(), dtype)
+
+
+@pytest.mark.parametrize("weight,words", [(np.ones(3), "weight must be 4 numbers"),
+                                          (np.array([1.0, -1.0, 1.0, 1.0]), "finite and >= 0"),
+                                          (np.array([1.0, np.nan, 1.0, 1.0]), "finite and >= 0")])
+def test_weighted_cross_entropy_checks_the_weights(weight, words):
+    with pytest.raises(ValueError, match=words):
+        softmax_cross_entropy(np.zeros((2, 4)), np.array([0, 1]), weight)
