@@ -48,8 +48,18 @@ from convbook.layers import (
     softmax_cross_entropy,
 )
 from .memory import byte_extent
-from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
-from .transpose import conv_transpose2d, conv_transpose2d_backward, dilate, rot180
+from convbook.pool import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    max_pool2d,
+    max_pool2d_backward,
+)
+from convbook.transpose import (
+    conv_transpose2d,
+    conv_transpose2d_backward,
+    dilate,
+    rot180,
+)
 from .windows import pad2d
 
 

@@ -342,8 +342,14 @@ def _roofline_panel(rx, report: dict) -> None:
     rx.loglog(ai, ours, "o", color="tab:blue", label="convbook auto forward")
     for k, (a_, o_, t_) in enumerate(zip(ai, ours, theirs)):
         rx.plot([a_, a_], [o_, t_], color="0.7", lw=0.8, zorder=0)
-        rx.annotate(str(k + 1), (a_, o_), xytext=(4, -3), textcoords="offset points",
-                    fontsize=8, color="tab:blue")
+        rx.annotate(
+            str(k + 1),
+            (a_, o_),
+            xytext=(4, -3),
+            textcoords="offset points",
+            fontsize=8,
+            color="tab:blue",
+        )
     rx.set_xlabel("arithmetic intensity (FLOPs per byte of x, w and y)")
     rx.set_ylabel("GFLOP/s")
     rx.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=1, fontsize=8)
@@ -654,8 +660,9 @@ def _parser() -> argparse.ArgumentParser:
     from convbook import __version__
 
     ap = argparse.ArgumentParser(
-        prog="convbook-bench" if sys.argv[0].endswith("convbook-bench") else
-        "python -m convbook.bench",
+        prog="convbook-bench"
+        if sys.argv[0].endswith("convbook-bench")
+        else "python -m convbook.bench",
         description="Time convbook's conv2d and conv2d_backward methods against "
         "PyTorch (NCHW and channels_last) on a fixed suite of layers (float32), in "
         "one process.",
@@ -1010,9 +1017,14 @@ def _train_step_at(threads: int, batch, repeat, rounds, budget, seed) -> dict:
         torch_threads = torch.get_num_threads()
     best = min(LAYOUTS, key=lambda lay: step[lay]["total"])
     return dict(
-        threads=threads, torch_threads=torch_threads, blas=blas, step=step,
-        step_layout=best, ratio=step["numpy"]["total"] / step[best]["total"],
-        ratio_nchw=step["numpy"]["total"] / step["nchw"]["total"], layers=layers,
+        threads=threads,
+        torch_threads=torch_threads,
+        blas=blas,
+        step=step,
+        step_layout=best,
+        ratio=step["numpy"]["total"] / step[best]["total"],
+        ratio_nchw=step["numpy"]["total"] / step["nchw"]["total"],
+        layers=layers,
     )
 
 # %% ../book/08a_bench.ipynb #302be456

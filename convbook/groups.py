@@ -49,8 +49,9 @@ def conv2d_grouped(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
         return _depthwise_taps(xp, w, spec)
     win = windows(xp, (kh, kw), stride=spec.stride, dilation=spec.dilation)
     win = win.reshape(*win.shape[:5], g, c)  # (N, H_out, W_out, KH, KW, g, c): a view
-    y = np.einsum("nijabgc,abcgm->nijgm", win, w.reshape(kh, kw, c, g, c_out // g),
-                  optimize=True)
+    y = np.einsum(
+        "nijabgc,abcgm->nijgm", win, w.reshape(kh, kw, c, g, c_out // g), optimize=True
+    )
     return y.reshape(spec.out_shape)
 
 # %% ../book/03a_groups.ipynb #cf23e323

@@ -107,7 +107,9 @@ def swap_channels(w: np.ndarray, groups: int = 1) -> np.ndarray:
     `w.transpose(0, 1, 3, 2)`."""
     kh, kw, c, c_out = w.shape
     m = c_out // groups
-    return w.reshape(kh, kw, c, groups, m).transpose(0, 1, 4, 3, 2).reshape(kh, kw, m, -1)
+    return (
+        w.reshape(kh, kw, c, groups, m).transpose(0, 1, 4, 3, 2).reshape(kh, kw, m, -1)
+    )
 
 # %% ../book/06_transpose.ipynb #26a8f8a2
 def conv_weight_grad(

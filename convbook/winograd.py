@@ -596,9 +596,7 @@ def plan_fft(spec: ConvSpec, cap: int = FFT_TILE_BYTES) -> FFTPlan:
     item = np.dtype(spec.dtype).itemsize
     spectrum = lambda lh, lw: 2 * item * lh * (lw // 2 + 1) * c_in * c_out  # noqa: E731
     options = [
-        (lh, lw)
-        for lh in _fft_lengths(ho, span_h)
-        for lw in _fft_lengths(wo, span_w)
+        (lh, lw) for lh in _fft_lengths(ho, span_h) for lw in _fft_lengths(wo, span_w)
     ]
     fits = [o for o in options if spectrum(*o) <= cap // 2] or [options[0]]
     lh, lw = min(fits, key=lambda o: _fft_tile_cost(spec, *o))
@@ -915,9 +913,7 @@ def conv2d_fft(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     return fft_conv2d(x, w, spec)
 
 
-@register_conv2d(
-    "dilated", 200, applies=_picked("dilated"), supports=stride1_supports
-)
+@register_conv2d("dilated", 200, applies=_picked("dilated"), supports=stride1_supports)
 def conv2d_dilated(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="dilated")`: stride 1; each phase by its `"auto"` method."""
     return dilated_conv2d(x, w, spec, lambda a, b, s: _auto(s)(a, b, s))
