@@ -6,19 +6,30 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
+import numbers
+import os
+import secrets
 import sys
 import time
+import zipfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from .data import DataError, MAPPINGS, SPLITS, load_emnist, load_sample
+from . import __version__
+from .data import DataError, SPLITS, load_emnist, load_sample
 from convbook.layers import (
     Adam,
     Conv2d,
     Dropout,
     Flatten,
+    Layer,
     Linear,
     MaxPool2d,
     ReLU,
@@ -26,31 +37,44 @@ from convbook.layers import (
     Sequential,
     softmax_cross_entropy,
 )
+from .windows import as_pair
 
 # %% auto #0
-__all__ = ['LAYERS', 'DEFAULTS', 'HOLDOUT_SEED', 'emnist_cnn', 'Model', 'evaluate', 'fit', 'pixel_stats', 'split_holdout',
-           'load_training_data', 'load_model', 'main']
+__all__ = ['LAYERS', 'DEFAULTS', 'HOLDOUT_SEED', 'MODEL_FORMAT', 'MAX_MODEL_BYTES', 'MAX_META_BYTES', 'PARAMETER_SHAPES',
+           'emnist_cnn', 'Model', 'evaluate', 'TrainingDiverged', 'EpochResult', 'train_epochs', 'fit', 'pixel_stats',
+           'split_holdout', 'TrainingData', 'load_training_data', 'ModelFileError', 'load_model', 'main']
 
 # %% ../book/07_emnist.ipynb #00745430
 LAYERS = {
     cls.__name__: cls for cls in (Conv2d, ReLU, MaxPool2d, Flatten, Linear, Dropout)
 }
 
+
+def _check_int(value, name: str, minimum: int = 0) -> int:
+    """`value` as an `int >= minimum`: Python and NumPy integers pass; bools and other
+    types raise `TypeError`, smaller values `ValueError`, both naming `name`."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
 # %% ../book/07_emnist.ipynb #a61bb515
 def emnist_cnn(
     num_classes: int = 47, *, seed: int = 0, dropout: float = 0.25
 ) -> Sequential:
-    """The chapter's network for `(N, 28, 28, 1)` images: two 3x3 conv + ReLU + 2x2
-    max-pool blocks (32 and 64 channels), then 3136 -> 128 -> `num_classes` fully
-    connected layers."""
-    rng = np.random.default_rng(seed)
+    """The chapter's network for `(N, 28, 28, 1)` images: two blocks of a 3x3 conv, a
+    2x2 max-pool and a ReLU (32 and 64 channels), then 3136 -> 128 -> `num_classes`
+    fully connected layers."""
+    num_classes = _check_int(num_classes, "num_classes", 1)
+    rng = np.random.default_rng(_check_int(seed, "seed"))
     return Sequential(
         Conv2d(1, 32, 3, padding=1, input_grad=False, rng=rng),
-        ReLU(),
         MaxPool2d(2),
+        ReLU(),
         Conv2d(32, 64, 3, padding=1, rng=rng),
-        ReLU(),
         MaxPool2d(2),
+        ReLU(),
         Flatten(),
         Linear(7 * 7 * 64, 128, rng=rng),
         ReLU(),
@@ -59,66 +83,131 @@ def emnist_cnn(
     )
 
 # %% ../book/07_emnist.ipynb #8464f98d
-class Model:
-    """A trained network with its input normalisation and label mapping.
+def _check_mapping(mapping) -> dict[int, str]:
+    """`mapping` as `{label: character(s)}` with distinct integer labels >= 0."""
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"mapping must be a non-empty dict, got {mapping!r:.80}")
+    out = {_check_int(k, "each label of mapping"): v for k, v in mapping.items()}
+    if not all(isinstance(v, str) and v for v in out.values()):
+        raise ValueError("mapping must map each label to a non-empty string")
+    return out
 
-    `predict(images)` takes images as `load_emnist` returns them (upright uint8
-    `(N, 28, 28)`) and returns class indices `(N,)`; `mapping[k]` is the character(s) of
-    class `k`.
+
+def _check_stats(mean, std) -> tuple[float, float]:
+    """The normalisation `(mean, std)` as floats: finite, `std > 0`."""
+    for name, v in [("mean", mean), ("std", std)]:
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, numbers.Real)
+            or not math.isfinite(v)
+        ):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not std > 0:
+        raise ValueError(f"std must be > 0, got {std}")
+    return float(mean), float(std)
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    """`images` as an array of upright uint8 pixels `(N, 28, 28)`, or raise."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"images must have shape (N, 28, 28), got {images.shape}")
+    if images.dtype != np.uint8:
+        raise TypeError(
+            f"images must be uint8 pixels 0..255 (as load_emnist returns them), got "
+            f"{images.dtype}"
+        )
+    return images
+
+
+def _leaves(layer: Layer) -> Iterator[Layer]:
+    """The layers of `layer`, nested `Sequential`s opened, in order."""
+    for inner in layer.layers if isinstance(layer, Sequential) else [layer]:
+        yield from _leaves(inner) if isinstance(inner, Sequential) else [inner]
+
+
+def _outputs(net: Sequential) -> int | None:
+    """How many outputs `net` has, when its last layer with weights is `Linear`."""
+    weighted = [layer for layer in _leaves(net) if layer.params]
+    if weighted and isinstance(weighted[-1], Linear):
+        return weighted[-1].params["w"].shape[1]
+    return None
+
+# %% ../book/07_emnist.ipynb #0f6c2d8e
+class Model:
+    """A network with its input normalisation and its labels.
+
+    Output `i` of the network stands for `labels[i]`, the keys of `mapping` in
+    increasing order; `predict(images)` takes images as `load_emnist` returns them
+    (upright uint8 `(N, 28, 28)`) and returns labels `(N,)`, and `mapping[label]` is
+    the character(s).
     """
 
     def __init__(
         self, net: Sequential, mean: float, std: float, mapping: dict[int, str]
     ):
-        self.net, self.mean, self.std, self.mapping = (
-            net,
-            float(mean),
-            float(std),
-            dict(mapping),
-        )
+        if not isinstance(net, Sequential):
+            raise TypeError(f"net must be a Sequential, got {type(net).__name__}")
+        self.net, self.mapping = net, _check_mapping(mapping)
+        self.mean, self.std = _check_stats(mean, std)
+        self.labels = np.array(sorted(self.mapping), dtype=np.int64)
+        outputs = _outputs(net)
+        if outputs is not None and outputs != len(self.labels):
+            raise ValueError(
+                f"the network has {outputs} outputs but the mapping has "
+                f"{len(self.labels)} labels"
+            )
 
     def prepare(self, images: np.ndarray) -> np.ndarray:
         """uint8 `(N, 28, 28)` -> normalised float32 `(N, 28, 28, 1)`."""
-        images = np.asarray(images)
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise ValueError(f"images must have shape (N, 28, 28), got {images.shape}")
-        if images.dtype != np.uint8:
-            raise TypeError(
-                f"images must be uint8 pixels 0..255 (as load_emnist returns "
-                f"them), got {images.dtype}"
+        images = _check_images(images).astype(np.float32)
+        return ((images / 255 - self.mean) / self.std)[..., None]
+
+    def output_index(self, labels: np.ndarray) -> np.ndarray:
+        """The output number `(N,)` of each label `(N,)`: its place in `labels`."""
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or labels.size and labels.dtype.kind not in "iu":
+            raise TypeError(f"labels must be a 1-D integer array, got {labels.dtype}")
+        index = np.searchsorted(self.labels, labels)
+        bad = index == len(self.labels)
+        bad[~bad] = self.labels[index[~bad]] != labels[~bad]
+        if bad.any():
+            raise ValueError(
+                f"labels must be labels of the mapping ({self.labels[0]}.."
+                f"{self.labels[-1]}), got {labels[bad][0]}"
             )
-        return ((images.astype(np.float32) / 255 - self.mean) / self.std)[..., None]
+        return index
 
     def logits(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
+        """The network's outputs `(N, len(labels))`, in evaluation mode, in batches."""
+        batch_size = _check_int(batch_size, "batch_size", 1)
+        images = _check_images(images)
         self.net.eval()
-        x = self.prepare(images)
-        return (
-            np.concatenate(
-                [
-                    self.net.forward(x[i : i + batch_size])
-                    for i in range(0, len(x), batch_size)
-                ]
-            )
-            if len(x)
-            else np.zeros((0, self.net.layers[-1].params["w"].shape[1]), np.float32)
+        if not len(images):
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.concatenate(
+            [
+                self.net.forward(self.prepare(images[i : i + batch_size]))
+                for i in range(0, len(images), batch_size)
+            ]
         )
 
     def predict(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
-        """Class indices `(N,)` for upright uint8 images `(N, 28, 28)`."""
-        return self.logits(images, batch_size).argmax(axis=1)
+        """Labels `(N,)` for upright uint8 images `(N, 28, 28)`."""
+        return self.labels[self.logits(images, batch_size).argmax(axis=1)]
 
-    def save(self, path) -> Path:
-        """Write the architecture, weights, normalisation and mapping to one `.npz`
-        file."""
-        path = Path(path)
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the layers, weights, normalisation and mapping to one `.npz` file
+        (`.npz` is added if missing) and return its path; an existing file is replaced
+        only once the new one is complete."""
         meta = dict(
-            layers=[[type(l).__name__, l.config()] for l in self.net.layers],
+            format=MODEL_FORMAT,
+            layers=[_layer_spec(layer) for layer in self.net.layers],
             mean=self.mean,
             std=self.std,
             mapping={str(k): v for k, v in self.mapping.items()},
         )
-        np.savez(path, __meta__=np.array(json.dumps(meta)), **self.net.parameters())
-        return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        return _save_npz(path, meta, self.net.parameters())
 
 # %% ../book/07_emnist.ipynb #fec60dc1
 def _progress(total: int, desc: str, enabled: bool):
@@ -151,17 +240,115 @@ def _progress(total: int, desc: str, enabled: bool):
         return Bar()
 
 # %% ../book/07_emnist.ipynb #3a9fdd76
+def _check_labelled(model: Model, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The output numbers of `labels`, checked to be one per image and at least one."""
+    images, index = _check_images(images), model.output_index(labels)
+    if len(images) != len(index):
+        raise ValueError(
+            f"images and labels disagree: {len(images)} images, {len(index)} labels"
+        )
+    if not len(index):
+        raise ValueError("images must hold at least one image")
+    return index
+
+
 def evaluate(
     model: Model, images: np.ndarray, labels: np.ndarray, batch_size: int = 512
 ) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of `model` on upright uint8 `images` with integer
-    `labels`."""
+    """Mean cross-entropy and accuracy of `model` on upright uint8 `images`
+    `(N, 28, 28)` with their labels `(N,)`."""
+    index = _check_labelled(model, images, labels)
     logits = model.logits(images, batch_size)
-    loss, _ = softmax_cross_entropy(logits, labels)
-    return loss, float((logits.argmax(axis=1) == labels).mean())
+    loss, _ = softmax_cross_entropy(logits, index)
+    return loss, float((logits.argmax(axis=1) == index).mean())
+
+# %% ../book/07_emnist.ipynb #71c3e0b5
+class TrainingDiverged(FloatingPointError):
+    """The training loss or a weight stopped being a finite number."""
+
+
+class EpochResult(NamedTuple):
+    """One epoch of `train_epochs`: training loss and accuracy (mean over the epoch's
+    batches), test loss and accuracy (`None` without test data), seconds of training."""
+
+    epoch: int
+    loss: float
+    acc: float
+    test_loss: float | None
+    test_acc: float | None
+    seconds: float
+
+
+def _check_fit_options(epochs, batch_size, lr, optimizer, seed) -> None:
+    """Raise `ValueError`/`TypeError` naming the first bad option of `fit`."""
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    _check_int(epochs, "epochs")
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(seed, "seed")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"lr must be a number, got {lr!r}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+
+
+def _check_finite_weights(params: dict[str, np.ndarray], when: str) -> None:
+    for name, p in params.items():
+        if not np.isfinite(p).all():
+            raise TrainingDiverged(
+                f"weight {name} is not finite {when}: training diverged"
+            )
 
 # %% ../book/07_emnist.ipynb #9a7f0aec
-def fit(
+def _train_epoch(model, images, targets, opt, order, batch_size, bar, epoch) -> tuple:
+    """One pass over `images` in `order`: the mean loss and accuracy of its batches."""
+    model.net.train()
+    total_loss = correct = 0.0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        logits = model.net.forward(model.prepare(images[idx]))
+        loss, dlogits = softmax_cross_entropy(logits, targets[idx])
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"the training loss is {loss} in epoch {epoch} (batch of images "
+                f"{start}..{start + len(idx) - 1}): training diverged; a smaller "
+                "learning rate may help"
+            )
+        model.net.backward(dlogits)
+        opt.step(model.net.gradients())
+        total_loss += loss * len(idx)
+        correct += float((logits.argmax(axis=1) == targets[idx]).sum())
+        if bar is not None:
+            bar.update(len(idx))
+            seen = start + len(idx)
+            bar.set_postfix_str(
+                f"loss {total_loss / seen:.3f} acc {correct / seen:.3f}"
+            )
+    _check_finite_weights(model.net.parameters(), f"after epoch {epoch}")
+    return total_loss / len(order), correct / len(order)
+
+
+def _epochs(model, images, targets, opt, rng, epochs, batch_size, test, progress):
+    """The generator behind `train_epochs`."""
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(len(images))
+        bar = _progress(len(order), f"epoch {epoch}/{epochs}", progress)
+        t0 = time.perf_counter()
+        loss, acc = _train_epoch(
+            model, images, targets, opt, order, batch_size, bar, epoch
+        )
+        seconds = time.perf_counter() - t0
+        test_loss, test_acc = evaluate(model, *test) if test else (None, None)
+        if bar is not None:
+            if test:
+                bar.set_postfix_str(
+                    f"loss {loss:.3f} acc {acc:.3f} test acc {test_acc:.3f}"
+                )
+            bar.close()
+        yield EpochResult(epoch, loss, acc, test_loss, test_acc, seconds)
+
+# %% ../book/07_emnist.ipynb #2a9d4c61
+def train_epochs(
     model: Model,
     images: np.ndarray,
     labels: np.ndarray,
@@ -171,73 +358,54 @@ def fit(
     lr: float = 1e-3,
     optimizer: str = "adam",
     seed: int = 0,
-    test: tuple | None = None,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = True,
-) -> dict:
-    """Train `model` on upright uint8 `images` `(N, 28, 28)` and `labels` with
-    mini-batches.
+) -> Iterator[EpochResult]:
+    """Train `model` on upright uint8 `images` `(N, 28, 28)` with their `labels`, one
+    epoch per step of the returned iterator, which yields the epoch's `EpochResult`.
 
-    Shuffles with `np.random.default_rng(seed)`; `optimizer` is `"adam"` or `"sgd"`
-    (momentum 0.9). Returns the history: per-epoch training loss and accuracy, test loss
-    and accuracy when `test=(images, labels)` is given, and seconds per epoch (training
-    only).
+    Every argument is checked before the first epoch. Each epoch shuffles with
+    `np.random.default_rng(seed)` and trains in mini-batches; `optimizer` is `"adam"`
+    or `"sgd"` (momentum 0.9). With `test=(images, labels)` each epoch ends with
+    `evaluate`. Raises `TrainingDiverged` when the loss or a weight is not finite.
     """
-    if optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
-    if epochs < 0 or batch_size < 1 or not lr > 0:
-        raise ValueError(
-            f"need epochs >= 0, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}"
-        )
+    _check_fit_options(epochs, batch_size, lr, optimizer, seed)
+    targets = _check_labelled(model, images, labels)
+    if test is not None:
+        _check_labelled(model, *test)
     params = model.net.parameters()
-    opt = (
-        Adam(params, lr=lr) if optimizer == "adam" else SGD(params, lr=lr, momentum=0.9)
-    )
+    opt = Adam(params, lr=lr) if optimizer == "adam" else SGD(params, lr, momentum=0.9)
     rng = np.random.default_rng(seed)
-    x_all = model.prepare(images)
+    return _epochs(
+        model, np.asarray(images), targets, opt, rng, epochs, batch_size, test, progress
+    )
+
+
+def fit(
+    model: Model, images: np.ndarray, labels: np.ndarray, **options: Any
+) -> dict[str, list[float]]:
+    """Train `model` as `train_epochs` does, with its keyword `options` (`epochs`,
+    `batch_size`, `lr`, `optimizer`, `seed`, `test`, `progress`, same defaults), and
+    return the history: lists with one entry per epoch, `loss`, `acc`, `test_loss` and
+    `test_acc` (empty without `test`) and `seconds`."""
     hist = {k: [] for k in ("loss", "acc", "test_loss", "test_acc", "seconds")}
-    for epoch in range(1, epochs + 1):
-        model.net.train()
-        order = rng.permutation(len(x_all))
-        bar = _progress(len(order), f"epoch {epoch}/{epochs}", progress)
-        total_loss = correct = 0.0
-        t0 = time.perf_counter()
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            logits = model.net.forward(x_all[idx])
-            loss, dlogits = softmax_cross_entropy(logits, labels[idx])
-            model.net.backward(dlogits)
-            opt.step(model.net.gradients())
-            total_loss += loss * len(idx)
-            correct += float((logits.argmax(axis=1) == labels[idx]).sum())
-            if bar is not None:
-                bar.update(len(idx))
-                seen = start + len(idx)
-                bar.set_postfix_str(
-                    f"loss {total_loss / seen:.3f} acc {correct / seen:.3f}"
-                )
-        hist["seconds"].append(time.perf_counter() - t0)
-        hist["loss"].append(total_loss / len(order))
-        hist["acc"].append(correct / len(order))
-        if test is not None:
-            tl, ta = evaluate(model, *test)
-            hist["test_loss"].append(tl)
-            hist["test_acc"].append(ta)
-            if bar is not None:
-                bar.set_postfix_str(
-                    f"loss {hist['loss'][-1]:.3f} acc {hist['acc'][-1]:.3f} "
-                    f"test acc {ta:.3f}"
-                )
-        if bar is not None:
-            bar.close()
+    for result in train_epochs(model, images, labels, **options):
+        for key, values in hist.items():
+            if (value := getattr(result, key)) is not None:
+                values.append(value)
     return hist
 
 # %% ../book/07_emnist.ipynb #9e8ce531
 def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
-    """Mean and standard deviation of uint8 pixels, scaled to [0, 1], in float64 chunks.
+    """Mean and standard deviation of uint8 pixels `(N, ...)`, scaled to [0, 1], in
+    float64 chunks.
 
     Chunks keep the memory small: the full ByMerge train file would need 4 GB of float64
     temporaries in one go.
     """
+    images, chunk = np.asarray(images), _check_int(chunk, "chunk", 1)
+    if images.dtype != np.uint8 or not images.size:
+        raise ValueError(f"images must be a non-empty uint8 array, got {images.dtype}")
     n = s1 = s2 = 0.0
     for i in range(0, len(images), chunk):
         block = images[i : i + chunk].astype(np.float64) / 255
@@ -252,101 +420,411 @@ DEFAULTS = dict(epochs=6, batch_size=64, lr=1e-3, seed=0)
 HOLDOUT_SEED = 0  # the held-out split of --from-test-file never depends on --seed
 
 # %% ../book/07_emnist.ipynb #411d6860
+def _check_fraction(fraction: float, name: str = "fraction") -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
+        raise TypeError(f"{name} must be a number in (0, 1), got {fraction!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {fraction}")
+    return float(fraction)
+
+
 def split_holdout(
     n: int, fraction: float, seed: int = HOLDOUT_SEED
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices `(train, held_out)` of a random split of `n` items, `fraction` of them
-    held out."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
-    order = np.random.default_rng(seed).permutation(n)
+    held out (rounded); both parts must be non-empty."""
+    n, fraction = _check_int(n, "n", 2), _check_fraction(fraction)
+    order = np.random.default_rng(_check_int(seed, "seed")).permutation(n)
     k = int(round(n * fraction))
+    if not 0 < k < n:
+        raise ValueError(f"fraction {fraction} of {n} items leaves a part empty")
     return np.sort(order[k:]), np.sort(order[:k])
 
 # %% ../book/07_emnist.ipynb #feac9f31
+class TrainingData(NamedTuple):
+    """What `load_training_data` returns: upright uint8 images `(N, 28, 28)`, their
+    labels `(N,)` int64, the mapping and a sentence that says what the data are."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    mapping: dict[int, str]
+    description: str
+
+
+def _sample_data() -> TrainingData:
+    xtr, ytr, mapping = load_sample("train")
+    xte, yte, _ = load_sample("test")
+    balanced = "balanced " if len(set(np.bincount(ytr))) == 1 else ""
+    text = (
+        f"the EMNIST ByMerge sample shipped with convbook: {len(xtr):,} training and "
+        f"{len(xte):,} test images, {len(mapping)} {balanced}classes, drawn from the "
+        "official ByMerge test file"
+    )
+    return TrainingData(xtr, ytr, xte, yte, mapping, text)
+
+
+def _test_file_data(split, data_dir, holdout, download) -> TrainingData:
+    x, y, mapping = load_emnist(split, "test", data_dir=data_dir, download=download)
+    tr, te = split_holdout(len(x), holdout)
+    text = (
+        f"the official EMNIST {split} *test* file split at random (seed "
+        f"{HOLDOUT_SEED}) into {len(tr):,} training and {len(te):,} held-out images; "
+        "the official train file was not used"
+    )
+    return TrainingData(x[tr], y[tr], x[te], y[te], mapping, text)
+
+# %% ../book/07_emnist.ipynb #0b5f3e8a
 def load_training_data(
     split: str = "sample",
-    data_dir=None,
+    data_dir: str | os.PathLike | None = None,
     *,
     from_test_file: bool = False,
     holdout: float = 0.1,
     download: bool = True,
-):
-    """`(train_images, train_labels, test_images, test_labels, mapping, description)`
-    for the CLI and chapter.
+) -> TrainingData:
+    """The training and test data for the CLI and the chapter, with a description.
 
     split `"sample"` is the shipped ByMerge sample; an official split loads its train
     and test files, or, with `from_test_file`, splits the official *test* file into
-    train and held-out parts (seed fixed).
+    train and held-out parts (`holdout` of it, seed `HOLDOUT_SEED`).
     """
     if split == "sample":
-        xtr, ytr, mapping = load_sample("train")
-        xte, yte, _ = load_sample("test")
-        return (
-            xtr,
-            ytr,
-            xte,
-            yte,
-            mapping,
-            (
-                f"the EMNIST ByMerge sample shipped with convbook: {len(xtr):,} training and {len(xte):,} test "
-                f"images, 47 balanced classes, drawn from the official ByMerge test file"
-            ),
-        )
+        return _sample_data()
     if split not in SPLITS:
         raise ValueError(
             f"split must be 'sample' or one of {sorted(SPLITS)}, got {split!r}"
         )
     if from_test_file:
-        x, y, mapping = load_emnist(split, "test", data_dir=data_dir, download=download)
-        tr, te = split_holdout(len(x), holdout)
-        return (
-            x[tr],
-            y[tr],
-            x[te],
-            y[te],
-            mapping,
-            (
-                f"the official EMNIST {split} *test* file split at random (seed {HOLDOUT_SEED}) into "
-                f"{len(tr):,} training and {len(te):,} held-out images; the official train file was not used"
-            ),
+        return _test_file_data(
+            split, data_dir, _check_fraction(holdout, "holdout"), download
         )
     xtr, ytr, mapping = load_emnist(
         split, "train", data_dir=data_dir, download=download
     )
     xte, yte, _ = load_emnist(split, "test", data_dir=data_dir, download=download)
-    return (
-        xtr,
-        ytr,
-        xte,
-        yte,
-        mapping,
-        (
-            f"the official EMNIST {split} files: {len(xtr):,} training and {len(xte):,} test images"
-        ),
+    text = (
+        f"the official EMNIST {split} files: {len(xtr):,} training and {len(xte):,} "
+        "test images"
     )
+    return TrainingData(xtr, ytr, xte, yte, mapping, text)
 
 # %% ../book/07_emnist.ipynb #6f8ce9cb
-def load_model(path) -> Model:
-    """Rebuild a `Model` saved with `Model.save`."""
-    with np.load(path, allow_pickle=False) as f:
-        meta = json.loads(str(f["__meta__"]))
-        net = Sequential(*[LAYERS[name](**cfg) for name, cfg in meta["layers"]])
-        for name, arr in net.parameters().items():
-            arr[...] = f[name]
-    return Model(
-        net, meta["mean"], meta["std"], {int(k): v for k, v in meta["mapping"].items()}
-    )
+class ModelFileError(DataError):
+    """A model file is missing, truncated, corrupt, or not written by `Model.save`."""
+
+
+MODEL_FORMAT = 2  # files without a "format" entry are format 1, which reads the same
+MAX_MODEL_BYTES = 2**30  # the default limit of load_model on the size of the weights
+
+
+def _layer_spec(layer: Layer) -> list:
+    """`[class name, constructor arguments]`; a `Sequential` lists its layers' specs."""
+    if isinstance(layer, Sequential):
+        return [
+            "Sequential",
+            {"layers": [_layer_spec(inner) for inner in layer.layers]},
+        ]
+    name = type(layer).__name__
+    if LAYERS.get(name) is not type(layer):
+        raise ValueError(
+            f"cannot save a {name} layer: load_model rebuilds only Sequential and "
+            f"{', '.join(LAYERS)}"
+        )
+    return [name, layer.config()]
+
+
+def _json_default(value):
+    """The JSON value of a NumPy scalar, array or dtype in a layer's configuration."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.dtype):
+        return str(value)
+    raise TypeError(f"cannot save {value!r} ({type(value).__name__}) in a model file")
+
+# %% ../book/07_emnist.ipynb #3e7b5a90
+def _npz_path(path: str | os.PathLike) -> Path:
+    """`path`, with `.npz` added when it has another suffix (as `np.savez` does)."""
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def _save_npz(
+    path: str | os.PathLike, meta: dict, arrays: dict[str, np.ndarray]
+) -> Path:
+    """Write `arrays` and the JSON of `meta` to `path` (`.npz` added) through a
+    temporary file in the same folder, renamed over `path` once it is complete."""
+    path = _npz_path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: no such folder {path.parent}")
+    text = json.dumps(meta, default=_json_default, allow_nan=False)
+    for name, a in arrays.items():
+        if not np.isfinite(a).all():
+            raise ValueError(f"cannot save a model whose weight {name} is not finite")
+    part = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+    try:
+        with open(part, "xb") as f:
+            np.savez(f, __meta__=np.array(text), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return path
+
+# %% ../book/07_emnist.ipynb #9b4e1f27
+MAX_META_BYTES = 2**22  # __meta__ is a short JSON string
+_MAX_NESTING = 8  # Sequential inside Sequential, at most this deep
+_READ_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    RecursionError,
+    NotImplementedError,
+    OverflowError,
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+)
+
+
+def _float_dtype(config: dict) -> np.dtype:
+    name = config.get("dtype", "float32")
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {name!r}")
+    return np.dtype(name)
+
+
+def _conv2d_arrays(config: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    kh, kw = as_pair(config["kernel"], "kernel")
+    c_in, c_out = (_check_int(config[k], k, 1) for k in ("c_in", "c_out"))
+    dtype = _float_dtype(config)
+    return {"w": ((kh, kw, c_in, c_out), dtype), "b": ((c_out,), dtype)}
+
+
+def _linear_arrays(config: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    n_in, n_out = (_check_int(config[k], k, 1) for k in ("n_in", "n_out"))
+    dtype = _float_dtype(config)
+    return {"w": ((n_in, n_out), dtype), "b": ((n_out,), dtype)}
+
+
+# For each layer of LAYERS with parameters: their shapes and dtypes from its config.
+PARAMETER_SHAPES = {"Conv2d": _conv2d_arrays, "Linear": _linear_arrays}
+
+# %% ../book/07_emnist.ipynb #c2d8a6e1
+def _check_spec(spec) -> tuple[str, dict]:
+    """`(name, config)` of one layer of a file's `layers`, checked to be buildable."""
+    if not (
+        isinstance(spec, list)
+        and len(spec) == 2
+        and isinstance(spec[0], str)
+        and isinstance(spec[1], dict)
+    ):
+        raise ModelFileError(f"a layer is given as {spec!r:.60}, not [name, config]")
+    name, config = spec
+    if name == "Sequential":
+        if set(config) != {"layers"}:
+            raise ModelFileError("a Sequential's config must hold its layers only")
+        return name, config
+    if name not in LAYERS or "rng" in config:
+        raise ModelFileError(
+            f"it has a layer {name!r:.40} that load_model does not know"
+        )
+    try:
+        inspect.signature(LAYERS[name]).bind(**config)
+    except TypeError as e:
+        raise ModelFileError(f"its {name} layer has the config {config}: {e}") from None
+    return name, config
+
+
+def _expected_arrays(specs, prefix: str = "", depth: int = 0) -> dict:
+    """`{name: (shape, dtype)}` of every parameter the layers `specs` describe, from
+    their configs alone (nothing is built)."""
+    if not isinstance(specs, list) or depth > _MAX_NESTING:
+        raise ModelFileError("its layers are not a list of layers, or nest too deeply")
+    out = {}
+    for i, spec in enumerate(specs):
+        name, config = _check_spec(spec)
+        if name == "Sequential":
+            out |= _expected_arrays(config["layers"], f"{prefix}{i}.", depth + 1)
+            continue
+        try:
+            shapes = PARAMETER_SHAPES.get(name, lambda config: {})(config)
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"layer {prefix}{i} ({name}): {e}") from None
+        out |= {f"{prefix}{i}.{k}": v for k, v in shapes.items()}
+    return out
+
+# %% ../book/07_emnist.ipynb #5d9f0b38
+def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """The members of a model file by array name; only `.npy` arrays are allowed."""
+    infos = zf.infolist()
+    names = [info.filename for info in infos]
+    if len(set(names)) != len(names):
+        raise ModelFileError("it holds two entries with the same name")
+    for info in infos:
+        if not info.filename.endswith(".npy"):
+            raise ModelFileError(
+                f"it holds {info.filename!r:.60}, which is not an array"
+            )
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ModelFileError(
+                f"{info.filename} uses compression {info.compress_type}"
+            )
+    members = {name[: -len(".npy")]: info for name, info in zip(names, infos)}
+    if "__meta__" not in members:
+        raise ModelFileError("it has no __meta__ entry, so Model.save did not write it")
+    return members
+
+
+def _npy_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple, np.dtype]:
+    """Shape and dtype of a `.npy` member, from its header alone."""
+    with zf.open(info) as fp:
+        version = np.lib.format.read_magic(fp)
+        if version not in ((1, 0), (2, 0)):
+            raise ModelFileError(f"{info.filename} is a .npy file of version {version}")
+        read = getattr(np.lib.format, f"read_array_header_{version[0]}_0")
+        shape, _, dtype = read(fp)
+    return shape, dtype
+
+
+def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """The array of a `.npy` member; reading to its end checks its CRC-32."""
+    with zf.open(info) as fp:
+        value = np.lib.format.read_array(fp, allow_pickle=False)
+        if fp.read(1):
+            raise ModelFileError(f"{info.filename} has bytes after its array")
+    return value
+
+# %% ../book/07_emnist.ipynb #e81f4c52
+def _read_meta(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict:
+    """The checked `__meta__` of a model file."""
+    shape, dtype = _npy_header(zf, info)
+    if shape != () or dtype.kind != "U" or dtype.itemsize > MAX_META_BYTES:
+        raise ModelFileError("its __meta__ entry is not a short JSON string")
+    meta = json.loads(str(_read_array(zf, info)))
+    if not isinstance(meta, dict) or not {"layers", "mean", "std", "mapping"} <= set(
+        meta
+    ):
+        raise ModelFileError("its __meta__ lacks the layers, mean, std or mapping")
+    if meta.get("format", 1) not in (1, MODEL_FORMAT):
+        raise ModelFileError(
+            f"it is in format {meta['format']!r:.20}, and convbook {__version__} reads "
+            f"formats 1 to {MODEL_FORMAT}"
+        )
+    return meta
+
+
+def _check_headers(zf: zipfile.ZipFile, members: dict, expected: dict) -> None:
+    """Every array has the shape and dtype its layer needs, and no array is missing
+    or left over."""
+    missing, extra = expected.keys() - members.keys(), members.keys() - expected.keys()
+    if missing or extra:
+        raise ModelFileError(
+            f"its arrays do not match its layers: missing {sorted(missing)}, "
+            f"unexpected {sorted(extra)}"
+        )
+    for name, (shape, dtype) in expected.items():
+        got_shape, got_dtype = _npy_header(zf, members[name])
+        if (got_shape, got_dtype) != (shape, dtype):
+            raise ModelFileError(
+                f"array {name} has shape {got_shape} and dtype {got_dtype}, but its "
+                f"layer needs shape {shape} and dtype {dtype}"
+            )
+
+# %% ../book/07_emnist.ipynb #7a3c5e69
+def _build(specs: list) -> Sequential:
+    """The network that the checked layer `specs` describe."""
+    layers = []
+    for name, config in specs:
+        if name == "Sequential":
+            layers.append(_build(config["layers"]))
+            continue
+        try:
+            layers.append(LAYERS[name](**config))
+        except (TypeError, ValueError) as e:
+            raise ModelFileError(f"its {name} layer cannot be built: {e}") from None
+    return Sequential(*layers)
+
+
+def _read_weights(zf: zipfile.ZipFile, members: dict, params: dict) -> None:
+    """Copy each checked array of the file into the parameter of the same name."""
+    if params.keys() != members.keys():
+        raise ModelFileError(
+            "its layers have parameters that the file does not describe"
+        )
+    for name, target in params.items():
+        value = _read_array(zf, members[name])
+        if value.shape != target.shape or value.dtype != target.dtype:
+            raise ModelFileError(f"array {name} does not fit its layer")
+        if not np.isfinite(value).all():
+            raise ModelFileError(f"array {name} holds NaN or infinite values")
+        target[...] = value
+
+
+def _mapping_from_json(mapping) -> dict[int, str]:
+    if not isinstance(mapping, dict) or not all(
+        k.isascii() and k.isdigit() for k in mapping
+    ):
+        raise ModelFileError("its mapping is not an object with numbers as keys")
+    out = {int(k): v for k, v in mapping.items()}
+    if len(out) != len(mapping):
+        raise ModelFileError("its mapping gives one label twice")
+    return out
+
+# %% ../book/07_emnist.ipynb #f0a6b7c3
+def _read_model(zf: zipfile.ZipFile, max_bytes: int) -> Model:
+    members = _members(zf)
+    meta = _read_meta(zf, members.pop("__meta__"))
+    expected = _expected_arrays(meta["layers"])
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype in expected.values())
+    if total > max_bytes:
+        raise ModelFileError(
+            f"its layers need {total:,} bytes of weights, more than max_bytes "
+            f"({max_bytes:,})"
+        )
+    _check_headers(zf, members, expected)
+    net = _build(meta["layers"])
+    _read_weights(zf, members, net.parameters())
+    try:
+        mapping = _mapping_from_json(meta["mapping"])
+        return Model(net, meta["mean"], meta["std"], mapping)
+    except (TypeError, ValueError) as e:
+        raise ModelFileError(f"its metadata is not valid: {e}") from None
+
+
+def load_model(path: str | os.PathLike, *, max_bytes: int = MAX_MODEL_BYTES) -> Model:
+    """Rebuild a `Model` saved with `Model.save`, checking the file first.
+
+    The layers' configuration is checked, and every array's shape and dtype against it
+    (from the `.npy` headers), before a layer is built or a weight read; the weights
+    must be finite and take at most `max_bytes`. A missing, empty, truncated, corrupt or
+    foreign file raises `ModelFileError`, naming the file and the problem.
+    """
+    max_bytes = _check_int(max_bytes, "max_bytes", 1)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _read_model(zf, max_bytes)
+    except ModelFileError as e:
+        raise ModelFileError(f"cannot load a model from {path}: {e}") from None
+    except _READ_ERRORS as e:
+        raise ModelFileError(
+            f"cannot load a model from {path}: {type(e).__name__}: {e}"
+        ) from e
 
 # %% ../book/07_emnist.ipynb #79e08592
-def main(argv: list[str] | None = None) -> int:
-    """`convbook-train`: train the chapter's CNN on EMNIST, print the test accuracy,
-    save the model."""
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="convbook-train",
-        description="Train convbook's NumPy CNN on EMNIST. With no options it trains on the sample shipped "
-        "with the package (offline) with the chapter's settings.",
+        description="Train convbook's NumPy CNN on EMNIST. With no options it trains "
+        "on the sample shipped with the package (offline) with the chapter's settings.",
     )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     ap.add_argument(
         "--data",
         metavar="DIR",
@@ -367,9 +845,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--holdout",
         type=float,
-        default=None,
         help="held-out fraction with --from-test-file (default 0.1)",
     )
+    _training_options(ap)
+    return ap
+
+
+def _training_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--lr", type=float, default=DEFAULTS["lr"])
@@ -389,33 +871,83 @@ def main(argv: list[str] | None = None) -> int:
         help="never download, fail if files are missing",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = ap.parse_args(argv)
-    if args.split != "sample" and args.split not in SPLITS:
-        ap.error(
-            f"--split must be 'sample' or one of {', '.join(sorted(SPLITS))}, got {args.split!r}"
-        )
-    if (
-        args.epochs < 1
-        or args.batch_size < 1
-        or not args.lr > 0
-        or args.holdout is not None
-        and not 0 < args.holdout < 1
-    ):
-        ap.error(
-            "--epochs and --batch-size must be >= 1, --lr > 0 and --holdout in (0, 1)"
-        )
-    if args.data is not None and not Path(args.data).expanduser().is_dir():
-        ap.error(f"--data: no such folder: {args.data}")
-    if args.split == "sample" and args.from_test_file:
-        ap.error("--from-test-file needs --split with an official split name")
-    if args.holdout is not None and not args.from_test_file:
-        ap.error("--holdout only applies with --from-test-file")
-    if args.data is not None and args.split == "sample":
-        ap.error(
-            "--data needs --split with an official split name (the sample is shipped with convbook)"
-        )
+
+# %% ../book/07_emnist.ipynb #4b2e8d61
+def _writable(path: str | os.PathLike) -> Path:
+    """`path` with `.npz` added, checked to be a file that can be written: its folder
+    exists and accepts a new file, and it is not itself a folder."""
+    path = _npz_path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"no such folder: {folder}")
+    probe = folder / f".{path.name}.{secrets.token_hex(4)}.probe"
     try:
-        xtr, ytr, xte, yte, mapping, description = load_training_data(
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write in {folder}: {e.strerror or e}") from None
+    return path
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """Stop with a usage error (exit 2) on options that cannot work, before any data
+    is read; return the path to save the model to."""
+    official = f"one of {', '.join(sorted(SPLITS))}"
+    checks = [
+        (
+            args.split != "sample" and args.split not in SPLITS,
+            f"--split must be 'sample' or {official}, got {args.split!r}",
+        ),
+        (args.epochs < 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size < 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (
+            not (math.isfinite(args.lr) and args.lr > 0),
+            f"--lr must be a finite number > 0, got {args.lr}",
+        ),
+        (args.seed < 0, f"--seed must be >= 0, got {args.seed}"),
+        (
+            args.holdout is not None and not 0 < args.holdout < 1,
+            f"--holdout must be in (0, 1), got {args.holdout}",
+        ),
+        (
+            args.split == "sample" and args.from_test_file,
+            "--from-test-file needs --split with an official split name",
+        ),
+        (
+            args.holdout is not None and not args.from_test_file,
+            "--holdout only applies with --from-test-file",
+        ),
+        (
+            args.data is not None and args.split == "sample",
+            "--data needs --split with an official split name (the sample is "
+            "shipped with convbook)",
+        ),
+        (
+            args.data is not None and not Path(args.data).expanduser().is_dir(),
+            f"--data: no such folder: {args.data}",
+        ),
+    ]
+    for bad, message in checks:
+        if bad:
+            ap.error(message)
+    name = f"{args.split}-testsplit" if args.from_test_file else args.split
+    try:
+        return _writable(args.out or f"convbook-emnist-{name}.npz")
+    except ValueError as e:
+        ap.error(f"--out: {e}")
+
+# %% ../book/07_emnist.ipynb #8e4c2a07
+def _fail(message: object) -> int:
+    print(f"convbook-train: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _run(args: argparse.Namespace, out: Path) -> int:
+    """Load, train, report and save, as `main` was asked; returns the exit code."""
+    try:
+        data = load_training_data(
             args.split,
             args.data,
             from_test_file=args.from_test_file,
@@ -423,36 +955,36 @@ def main(argv: list[str] | None = None) -> int:
             download=not args.no_download,
         )
     except (DataError, ValueError) as e:
-        print(f"convbook-train: error: {e}", file=sys.stderr)
-        return 1
-    print(f"data: {description}")
-    model = Model(
-        emnist_cnn(len(mapping), seed=args.seed),
-        *pixel_stats(xtr),
-        mapping,
-    )
-    hist = fit(
-        model,
-        xtr,
-        ytr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        optimizer=args.optimizer,
-        seed=args.seed,
-        test=(xte, yte),
-        progress=not args.quiet,
-    )
-    test_name = "held-out" if args.from_test_file else "test"
+        return _fail(e)
+    print(f"data: {data.description}")
+    net = emnist_cnn(len(data.mapping), seed=args.seed)
+    model = Model(net, *pixel_stats(data.train_images), data.mapping)
+    options = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    options |= dict(optimizer=args.optimizer, seed=args.seed, progress=not args.quiet)
+    test = (data.test_images, data.test_labels)
+    try:
+        hist = fit(model, data.train_images, data.train_labels, test=test, **options)
+    except TrainingDiverged as e:
+        return _fail(f"{e}; no model was saved")
     print(
-        f"{test_name} accuracy after {args.epochs} epoch{'s' * (args.epochs != 1)}: "
-        f"{hist['test_acc'][-1]:.4f} "
-        f"({len(xte):,} images; {np.mean(hist['seconds']):.1f} s per epoch)"
+        f"{'held-out' if args.from_test_file else 'test'} accuracy after "
+        f"{args.epochs} epoch{'s' * (args.epochs != 1)}: {hist['test_acc'][-1]:.4f} "
+        f"({len(data.test_images):,} images; "
+        f"{np.mean(hist['seconds']):.1f} s per epoch)"
     )
-    name = f"{args.split}-testsplit" if args.from_test_file else args.split
-    out = Path(args.out) if args.out else Path(f"convbook-emnist-{name}.npz")
-    print(f"model saved to {model.save(out).resolve()}")
+    try:
+        print(f"model saved to {model.save(out).resolve()}")
+    except OSError as e:
+        return _fail(f"could not save the model to {out}: {e}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`convbook-train`: train the chapter's CNN on EMNIST, print the test accuracy,
+    save the model. Returns the exit code (argparse exits with 2 on a bad option)."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    return _run(args, _check_args(ap, args))
 
 # %% ../book/07_emnist.ipynb #ceb1c75a
 if (
