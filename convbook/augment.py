@@ -350,7 +350,7 @@ class Augment:
 
     `augment(images)` takes `(N, H, W)` or `(N, H, W, C)` uint8 or float images and
     returns new images of the same shape and dtype (the input is not changed); every
-    call draws new transforms from `rng`. The defaults suit 28x28 characters.
+    call draws new transforms from `rng`. The defaults are meant for 28x28 characters.
     """
 
     def __init__(
