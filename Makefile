@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The package is what nbdev-export writes from the notebooks, in ruff's format (nbdev wraps its
+# generated __all__ lines at 120 columns; the site and the package use 88).
 export: $(STAMP)
 	$(BIN)/nbdev-export
+	$(BIN)/ruff format --quiet convbook
 
 # Sphinx copies _static only when it rewrites a page: if only a script or style changed since the
 # last build, rewrite every page (--all; the executed chapters still come from the cache).
@@ -39,20 +42,20 @@ book: export
 # The notebooks are the source of truth: cleaning and exporting them must not change anything tracked.
 check-sync: $(STAMP)
 	$(BIN)/nbdev-clean
-	$(BIN)/nbdev-export
-	git diff --exit-code -- book convbook || { echo "Notebooks and package disagree: run nbdev-clean and nbdev-export, then commit."; exit 1; }
+	$(MAKE) --no-print-directory export
+	git diff --exit-code -- book convbook || { echo "Notebooks and package disagree: run nbdev-clean and make export, then commit."; exit 1; }
 	@test -z "$$(git status --porcelain -- convbook)" || { git status --porcelain -- convbook; echo "nbdev-export created untracked files in convbook/."; exit 1; }
 
 # Workflows validated by actionlint (nothing here can run GitHub's runners); one code style, ruff's, in
 # the package and in the notebooks' code cells.
 lint: $(STAMP)
 	$(BIN)/actionlint .github/workflows/*.yml
-	$(BIN)/ruff format --check book convbook scripts _ext
-	$(BIN)/ruff check book convbook scripts _ext
+	$(BIN)/ruff format --check book convbook scripts _ext tests
+	$(BIN)/ruff check book convbook
 
 format: $(STAMP)
-	$(BIN)/ruff format book convbook scripts _ext
-	$(BIN)/nbdev-export
+	$(BIN)/ruff format book scripts _ext tests
+	$(MAKE) --no-print-directory export
 
 # The version's one source is book/00_package.ipynb: `make bump PART=patch` (or minor, major) raises it,
 # re-exports the package and opens its section in CHANGELOG.md.
@@ -63,7 +66,7 @@ bump: $(STAMP)
 # (training, full benchmarks) are left out here; the book build executes them, so `make test` runs
 # every cell once either way. `make nbtest-all` runs them all with nbdev-test.
 nbtest: $(STAMP)
-	$(BIN)/nbdev-test book --n-workers 2 --timing
+	$(BIN)/nbdev-test book --n-workers 1 --timing
 
 nbtest-all: $(STAMP)
 	$(BIN)/nbdev-test book --n-workers 1 --flags slow --timing
@@ -81,7 +84,7 @@ chromium:
 pytest: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-test: check-sync nbtest book chromium pytest
+test: check-sync lint nbtest book chromium pytest
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache .hypothesis

@@ -5,6 +5,7 @@ counter for the whole book. This extension renumbers each chapter's exercises fr
 the chapter's number taken from its file name (`book/05b_pooling` -> "5b", `book/A1_exercises`
 -> "A1").
 """
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,9 @@ def renumber_exercises(app, env) -> list[str]:
         chapter, exercises = chapter_of(docname), numbers.get("exercise")
         if chapter and exercises:
             in_order = sorted(exercises, key=exercises.get)
-            numbers["exercise"] = {ids: (chapter, k) for k, ids in enumerate(in_order, 1)}
+            numbers["exercise"] = {
+                ids: (chapter, k) for k, ids in enumerate(in_order, 1)
+            }
     return []
 
 

@@ -10,6 +10,7 @@ before Sphinx parses a notebook this extension
 Cells are tagged, never deleted, so cell indices (and the execution cache) stay aligned with the
 notebook on disk. The notebook on disk is not modified.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def strip_directives(nb: dict) -> dict:
         if cell.get("cell_type") != "code":
             continue
         src = cell.get("source", "")
-        lines = (src if isinstance(src, str) else "".join(src)).splitlines(keepends=True)
+        lines = (src if isinstance(src, str) else "".join(src)).splitlines(
+            keepends=True
+        )
         names = set(cell.get("metadata", {}).get("nbdev", {}) or {})
         n = 0
         while n < len(lines) and (m := _DIRECTIVE.match(lines[n])):

@@ -5,6 +5,7 @@
   the builder. A second ``const`` declaration is a JavaScript error on every page. Keep the first
   copy of every identical script.
 """
+
 from __future__ import annotations
 
 

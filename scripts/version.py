@@ -1,4 +1,5 @@
 """Print the version of the convbook package in this checkout (its single source: convbook/__init__.py)."""
+
 import re
 from pathlib import Path
 
