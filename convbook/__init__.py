@@ -43,6 +43,8 @@ __all__ = [
     "Linear",
     "Dropout",
     "Sequential",
+    "BatchNorm2d",
+    "BatchNorm1d",
     "softmax_cross_entropy",
     "SGD",
     "Adam",
@@ -51,6 +53,16 @@ __all__ = [
     "load_model",
     "fit",
     "evaluate",
+    "BalancedSampler",
+    "class_weights",
+    "Augment",
+    "OneCycle",
+    "warp_affine",
+    "random_affine",
+    "affine_matrices",
+    "elastic_field",
+    "warp_field",
+    "sample_bilinear",
     "exercises",
     "bench",
 ]
@@ -60,7 +72,7 @@ __version__ = "0.1.0"
 
 import types as _types
 
-from . import bench, data, exercises, fast, groups, layers, memory, pool
+from . import augment, bench, data, exercises, fast, groups, layers, memory, pool
 from . import conv, backward, im2col, transpose, windows, winograd
 from .backward import col2im, conv2d_backward, conv2d_backward_methods
 from convbook.conv import (
@@ -79,9 +91,23 @@ from convbook.data import (
     read_idx,
     read_mapping,
 )
+from convbook.augment import (
+    Augment,
+    BalancedSampler,
+    OneCycle,
+    affine_matrices,
+    class_weights,
+    elastic_field,
+    random_affine,
+    sample_bilinear,
+    warp_affine,
+    warp_field,
+)
 from convbook.layers import (
     SGD,
     Adam,
+    BatchNorm1d,
+    BatchNorm2d,
     Conv2d,
     Dropout,
     Flatten,
@@ -144,8 +170,11 @@ _all_ = [
     # chapter 7: data, layers, training
     "DataError", "load_emnist", "load_sample", "read_idx", "read_mapping",
     "download_emnist", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "Dropout",
-    "Sequential", "softmax_cross_entropy", "SGD", "Adam",
+    "Sequential", "BatchNorm2d", "BatchNorm1d", "softmax_cross_entropy", "SGD", "Adam",
     "emnist_cnn", "Model", "load_model", "fit", "evaluate",
+    # section 7c: training for a balanced task
+    "BalancedSampler", "class_weights", "Augment", "OneCycle", "warp_affine",
+    "random_affine", "affine_matrices", "elastic_field", "warp_field", "sample_bilinear",
     # modules with their own entry points
     "exercises", "bench",
 ]  # fmt: skip
