@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from typing import Optional
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from .layers import check_rng, positive_int
+from .layers import SGD, Adam, check_rng, positive_int
 
 # %% auto #0
 __all__ = [
@@ -66,7 +67,7 @@ class BalancedSampler:
 
     def __init__(
         self,
-        labels,
+        labels: ArrayLike,
         *,
         per_class: Optional[int] = None,
         rng: Optional[np.random.Generator] = None,
@@ -116,7 +117,7 @@ class BalancedSampler:
 
 
 # %% ../book/07c_training.ipynb #e9498682
-def class_weights(labels, num_classes: Optional[int] = None) -> np.ndarray:
+def class_weights(labels: ArrayLike, num_classes: Optional[int] = None) -> np.ndarray:
     """Per-class loss weights `(num_classes,)`: `N / (K * count)` for each of the K
     classes present in `labels` `(N,)`, 0 for the absent ones. Every class then weighs
     the same in a weighted loss, and the mean weight of the N images is 1."""
@@ -187,7 +188,7 @@ def _corner(coords: np.ndarray, size: int, dtype) -> tuple[np.ndarray, np.ndarra
     return low.astype(np.intp) + 1, c - low
 
 
-def sample_bilinear(images, coords) -> np.ndarray:
+def sample_bilinear(images: ArrayLike, coords: ArrayLike) -> np.ndarray:
     """`images` `(N, H, W)` or `(N, H, W, C)` read at `coords` `(N, H_out, W_out, 2)` by
     bilinear interpolation, zero outside the image: `(N, H_out, W_out[, C])`.
 
@@ -246,7 +247,7 @@ def affine_coords(matrices, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def warp_affine(images, matrices) -> np.ndarray:
+def warp_affine(images: ArrayLike, matrices: ArrayLike) -> np.ndarray:
     """`images` `(N, H, W[, C])` warped by one affine map each, `matrices` `(N, 2, 3)`
     as `affine_coords` reads them; bilinear, zero outside, same shape and dtype."""
     images = check_images(images)
@@ -254,7 +255,9 @@ def warp_affine(images, matrices) -> np.ndarray:
 
 
 # %% ../book/07c_training.ipynb #405e66cc
-def affine_matrices(rotation, scale, shift) -> np.ndarray:
+def affine_matrices(
+    rotation: ArrayLike, scale: ArrayLike, shift: ArrayLike
+) -> np.ndarray:
     """The matrices `(N, 2, 3)` for `warp_affine` that turn each image's content by
     `rotation[n]` degrees (counter-clockwise on the screen) and scale it by `scale[n]`
     about the centre, then shift it by `shift[n] = (dx, dy)` pixels (right, down).
@@ -357,7 +360,7 @@ def pixel_grid(n: int, shape: tuple[int, int]) -> np.ndarray:
     return np.broadcast_to(np.stack([xs, ys], axis=-1), (n, h, w, 2))
 
 
-def warp_field(images, field) -> np.ndarray:
+def warp_field(images: ArrayLike, field: ArrayLike) -> np.ndarray:
     """`images` `(N, H, W[, C])` with output pixel p read at p + `field[n, p]`, for a
     `field` `(N, H, W, 2)` of (dx, dy) pixels: bilinear, zero outside, same dtype."""
     images = check_images(images)
@@ -443,7 +446,7 @@ class OneCycle:
 
     def __init__(
         self,
-        optimizer,
+        optimizer: SGD | Adam,
         max_lr: float,
         total_steps: int,
         *,

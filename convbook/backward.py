@@ -7,7 +7,7 @@ loops and by im2col with its adjoint col2im, a scatter-add with `np.add.at`."""
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -216,12 +216,12 @@ def check_shape(shape, name: str, ndim: int, layout: str) -> tuple[int, ...]:
 
 # %% ../book/05_backward.ipynb #1ef76002
 def col2im(
-    cols: np.ndarray,
-    x_shape,
+    cols: ArrayLike,
+    x_shape: Sequence[int],
     kernel: IntPair,
     *,
     stride: IntPair = 1,
-    padding=0,
+    padding: ConvPadding = 0,
     dilation: IntPair = 1,
 ) -> np.ndarray:
     """The adjoint of `im2col`: add every row of `cols` back onto the pixels its window

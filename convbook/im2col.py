@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .conv import ConvPadding
 from .conv import ConvSpec, padded, register_conv2d, resolve_padding
 from .windows import IntPair, as_pair, check_array, out_size, pad2d, windows
 
@@ -52,7 +53,7 @@ def im2col(
     kernel: IntPair,
     *,
     stride: IntPair = 1,
-    padding=0,
+    padding: ConvPadding = 0,
     dilation: IntPair = 1,
 ) -> np.ndarray:
     """The im2col matrix: one row per output pixel, one column per tap and channel.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Optional, Union
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .backward import bias_grad, conv2d_backward
 from .conv import conv2d, resolve_padding
@@ -144,7 +145,7 @@ class Conv2d(Layer):
         dilation: IntPair = 1,
         input_grad: bool = True,
         rng: Optional[np.random.Generator] = None,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__()
         c_in, c_out = positive_int(c_in, "c_in"), positive_int(c_out, "c_out")
@@ -410,7 +411,7 @@ class Linear(Layer):
         n_out: int,
         *,
         rng: Optional[np.random.Generator] = None,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__()
         n_in, n_out = positive_int(n_in, "n_in"), positive_int(n_out, "n_out")
@@ -508,7 +509,7 @@ class _BatchNorm(Layer):
         *,
         eps: float = 1e-5,
         momentum: float = 0.1,
-        dtype=np.float32,
+        dtype: DTypeLike = np.float32,
     ) -> None:
         super().__init__()
         c, dtype = positive_int(channels, "channels"), float_dtype(dtype)
