@@ -53,6 +53,10 @@ __all__ = [
     "load_model",
     "fit",
     "evaluate",
+    "train_epochs",
+    "TrainingData",
+    "TrainingDiverged",
+    "ModelFileError",
     "BalancedSampler",
     "class_weights",
     "Augment",
@@ -146,7 +150,10 @@ im2col.__class__ = _CallableModule
 
 # The training module is imported on first use, so that `python -m convbook.train` runs
 # it fresh (importing it here would make runpy warn that it is already in sys.modules).
-_TRAIN_NAMES = ("emnist_cnn", "Model", "load_model", "evaluate", "fit")
+_TRAIN_NAMES = (
+    "emnist_cnn", "Model", "load_model", "evaluate", "fit", "train_epochs",
+    "TrainingData", "TrainingDiverged", "ModelFileError",
+)  # fmt: skip
 
 
 def __getattr__(name):
@@ -171,10 +178,12 @@ _all_ = [
     "DataError", "load_emnist", "load_sample", "read_idx", "read_mapping",
     "download_emnist", "Conv2d", "ReLU", "MaxPool2d", "Flatten", "Linear", "Dropout",
     "Sequential", "BatchNorm2d", "BatchNorm1d", "softmax_cross_entropy", "SGD", "Adam",
-    "emnist_cnn", "Model", "load_model", "fit", "evaluate",
+    "emnist_cnn", "Model", "load_model", "fit", "evaluate", "train_epochs",
+    "TrainingData", "TrainingDiverged", "ModelFileError",
     # section 7c: training for a balanced task
     "BalancedSampler", "class_weights", "Augment", "OneCycle", "warp_affine",
-    "random_affine", "affine_matrices", "elastic_field", "warp_field", "sample_bilinear",
+    "random_affine", "affine_matrices", "elastic_field", "warp_field",
+    "sample_bilinear",
     # modules with their own entry points
     "exercises", "bench",
 ]  # fmt: skip
