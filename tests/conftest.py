@@ -3,6 +3,7 @@
 PyTorch is the independent reference. NHWC/HWIO arrays are converted at the edge with the package's
 named converters, whose index mapping is itself checked in test_conv2d.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,11 +20,19 @@ from hypothesis import strategies as st
 from convbook import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw
 
 settings.register_profile(
-    "default", max_examples=150, deadline=None, derandomize=True, print_blob=True,
+    "default",
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.register_profile("thorough", parent=settings.get_profile("default"), max_examples=2000,
-                          derandomize=False)
+settings.register_profile(
+    "thorough",
+    parent=settings.get_profile("default"),
+    max_examples=2000,
+    derandomize=False,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(1)
 
@@ -36,15 +45,21 @@ F32_REL = 2e-5
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, dtype) -> None:
     """Shapes equal and max |actual - expected| within the dtype's tolerance (see above)."""
-    assert actual.shape == expected.shape, f"shape {actual.shape} != expected {expected.shape}"
+    assert actual.shape == expected.shape, (
+        f"shape {actual.shape} != expected {expected.shape}"
+    )
     scale = 1.0 + float(np.abs(expected).max(initial=0.0))
     tol = F64_TOL * scale if np.dtype(dtype) == np.float64 else F32_REL * scale
-    err = float(np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0))
+    err = float(
+        np.abs(actual.astype(np.float64) - expected.astype(np.float64)).max(initial=0.0)
+    )
     assert err <= tol, f"max abs error {err:.3g} > tolerance {tol:.3g}"
 
 
 def to_t(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(a, order="C", copy=True))  # fresh strides: torch refuses negative ones
+    return torch.from_numpy(
+        np.array(a, order="C", copy=True)
+    )  # fresh strides: torch refuses negative ones
 
 
 def torch_pad_conv_input(x: np.ndarray, padding) -> tuple[torch.Tensor, object]:
@@ -59,14 +74,21 @@ def torch_pad_conv_input(x: np.ndarray, padding) -> tuple[torch.Tensor, object]:
 def torch_conv2d(x, w, b=None, *, stride=1, padding=0, dilation=1) -> np.ndarray:
     """torch.nn.functional.conv2d on NHWC x and HWIO w; NHWC NumPy output."""
     tx, pad = torch_pad_conv_input(x, padding)
-    y = F.conv2d(tx, to_t(hwio_to_oihw(w)), None if b is None else to_t(b),
-                 stride=stride, padding=pad, dilation=dilation)
+    y = F.conv2d(
+        tx,
+        to_t(hwio_to_oihw(w)),
+        None if b is None else to_t(b),
+        stride=stride,
+        padding=pad,
+        dilation=dilation,
+    )
     return nchw_to_nhwc(y.numpy())
 
 
 @dataclass
 class ConvCase:
     """One random convolution problem."""
+
     x: np.ndarray
     w: np.ndarray
     b: np.ndarray | None
@@ -86,9 +108,13 @@ def make_layout(rng: np.random.Generator, shape, dtype, layout: str) -> np.ndarr
     normal = lambda s: rng.standard_normal(s).astype(dtype)  # noqa: E731
     a = {
         "contiguous": lambda: normal(shape),
-        "nchw": lambda: normal((n, c, h, w)).transpose(0, 2, 3, 1),          # NCHW buffer seen as NHWC
-        "strided": lambda: normal((n, 2 * h, 2 * w + 1, c))[:, ::2, 1::2, :],  # every other row/column
-        "flipped": lambda: normal(shape)[:, ::-1, ::-1, :],                   # negative strides
+        "nchw": lambda: normal((n, c, h, w)).transpose(
+            0, 2, 3, 1
+        ),  # NCHW buffer seen as NHWC
+        "strided": lambda: normal((n, 2 * h, 2 * w + 1, c))[
+            :, ::2, 1::2, :
+        ],  # every other row/column
+        "flipped": lambda: normal(shape)[:, ::-1, ::-1, :],  # negative strides
         "fortran": lambda: np.asfortranarray(normal(shape)),
     }[layout]()
     assert a.shape == tuple(shape) and a.dtype == dtype
@@ -99,34 +125,70 @@ LAYOUTS = ["contiguous", "nchw", "strided", "flipped", "fortran"]
 
 
 @st.composite
-def conv_cases(draw, dtype=np.float64, allow_same=True, max_hw=11, kernel=None, stride=None,
-               dilation=None):
+def conv_cases(
+    draw,
+    dtype=np.float64,
+    allow_same=True,
+    max_hw=11,
+    kernel=None,
+    stride=None,
+    dilation=None,
+):
     """Random valid conv2d problems: shapes, stride, padding (all forms), dilation, layouts.
     `kernel`, `stride`, `dilation` fix those (a method's domain, see DOMAINS)."""
-    n, c_in, c_out = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    kh, kw = (kernel, kernel) if kernel else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    n, c_in, c_out = (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 4)),
+        draw(st.integers(1, 4)),
+    )
+    kh, kw = (
+        (kernel, kernel)
+        if kernel
+        else (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    )
     if stride is None:
-        stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+        stride = draw(
+            st.one_of(
+                st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))
+            )
+        )
     if dilation is None:
-        dilation = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+        dilation = draw(
+            st.one_of(
+                st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))
+            )
+        )
     sh, sw = (stride, stride) if isinstance(stride, int) else stride
     dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
-    forms = ["int", "pair", "explicit", "valid"] + (["same"] if allow_same and (sh, sw) == (1, 1) else [])
+    forms = ["int", "pair", "explicit", "valid"] + (
+        ["same"] if allow_same and (sh, sw) == (1, 1) else []
+    )
     form = draw(st.sampled_from(forms))
     if form == "int":
-        p = draw(st.integers(0, 3)); padding, pads = p, ((p, p), (p, p))
+        p = draw(st.integers(0, 3))
+        padding, pads = p, ((p, p), (p, p))
     elif form == "pair":
-        ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3)); padding, pads = (ph, pw), ((ph, ph), (pw, pw))
+        ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+        padding, pads = (ph, pw), ((ph, ph), (pw, pw))
     elif form == "explicit":
-        pads = tuple(tuple(draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2)); padding = pads
+        pads = tuple(tuple(draw(st.integers(0, 3)) for _ in range(2)) for _ in range(2))
+        padding = pads
     elif form == "valid":
         padding, pads = "valid", ((0, 0), (0, 0))
     else:
         padding = "same"
         pads = tuple((t // 2, t - t // 2) for t in (dh * (kh - 1), dw * (kw - 1)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    h = draw(st.integers(max(1, span_h - sum(pads[0])), max(1, span_h - sum(pads[0])) + max_hw))
-    w_ = draw(st.integers(max(1, span_w - sum(pads[1])), max(1, span_w - sum(pads[1])) + max_hw))
+    h = draw(
+        st.integers(
+            max(1, span_h - sum(pads[0])), max(1, span_h - sum(pads[0])) + max_hw
+        )
+    )
+    w_ = draw(
+        st.integers(
+            max(1, span_w - sum(pads[1])), max(1, span_w - sum(pads[1])) + max_hw
+        )
+    )
     layout = draw(st.sampled_from(LAYOUTS))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = make_layout(rng, (n, h, w_, c_in), dtype, layout)
@@ -140,7 +202,13 @@ def pool_cases(draw, infinities: bool = False):
     """Random pooling problems `(x, kernel, stride, padding)` with PyTorch's rules: stride None or
     not, padding at most half the kernel, ties (rounded values) and, if asked, -inf inputs."""
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    stride = draw(st.one_of(st.none(), st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    stride = draw(
+        st.one_of(
+            st.none(),
+            st.integers(1, 3),
+            st.tuples(st.integers(1, 3), st.integers(1, 3)),
+        )
+    )
     ph, pw = draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2))
     h = draw(st.integers(max(1, kh - 2 * ph), max(1, kh - 2 * ph) + 8))
     w = draw(st.integers(max(1, kw - 2 * pw), max(1, kw - 2 * pw) + 8))
@@ -148,7 +216,11 @@ def pool_cases(draw, infinities: bool = False):
     dtype = draw(st.sampled_from([np.float64, np.float32]))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     x = make_layout(rng, (n, h, w, c), dtype, draw(st.sampled_from(LAYOUTS)))
-    kind = draw(st.sampled_from(["random", "ties", "-inf"] if infinities else ["random", "ties"]))
+    kind = draw(
+        st.sampled_from(
+            ["random", "ties", "-inf"] if infinities else ["random", "ties"]
+        )
+    )
     if kind == "ties":
         x = np.round(x * 2) / 2  # many ties: the first maximum must win
     elif kind == "-inf":
@@ -165,9 +237,12 @@ def pool_cases(draw, infinities: bool = False):
 # them; `--require-emnist` (what CI passes) turns the absence into a failure, so CI runs every one.
 
 EMNIST_FILES = (
-    "emnist-bymerge-test-images-idx3-ubyte.gz", "emnist-bymerge-test-labels-idx1-ubyte.gz",
-    "emnist-mnist-test-images-idx3-ubyte.gz", "emnist-mnist-test-labels-idx1-ubyte.gz",
-    "emnist-balanced-test-labels-idx1-ubyte.gz", "emnist-letters-test-labels-idx1-ubyte.gz",
+    "emnist-bymerge-test-images-idx3-ubyte.gz",
+    "emnist-bymerge-test-labels-idx1-ubyte.gz",
+    "emnist-mnist-test-images-idx3-ubyte.gz",
+    "emnist-mnist-test-labels-idx1-ubyte.gz",
+    "emnist-balanced-test-labels-idx1-ubyte.gz",
+    "emnist-letters-test-labels-idx1-ubyte.gz",
     "emnist-byclass-test-labels-idx1-ubyte.gz",
 )
 EMNIST_HOWTO = (
@@ -178,11 +253,19 @@ EMNIST_HOWTO = (
 
 def pytest_addoption(parser):
     group = parser.getgroup("convbook")
-    group.addoption("--emnist-data", metavar="DIR", default=None,
-                    help="folder with the official EMNIST files (default: $CONVBOOK_DATA)")
-    group.addoption("--require-emnist", action="store_true", default=False,
-                    help="fail, instead of skipping, the tests that need the official EMNIST files "
-                         "when they are not found (CI sets this)")
+    group.addoption(
+        "--emnist-data",
+        metavar="DIR",
+        default=None,
+        help="folder with the official EMNIST files (default: $CONVBOOK_DATA)",
+    )
+    group.addoption(
+        "--require-emnist",
+        action="store_true",
+        default=False,
+        help="fail, instead of skipping, the tests that need the official EMNIST files "
+        "when they are not found (CI sets this)",
+    )
 
 
 def _emnist_folder(config) -> tuple[Path | None, str]:
@@ -194,7 +277,11 @@ def _emnist_folder(config) -> tuple[Path | None, str]:
     for candidate in (folder, folder / "gzip"):
         if all((candidate / name).is_file() for name in EMNIST_FILES):
             return candidate, ""
-    missing = [n for n in EMNIST_FILES if not (folder / n).is_file() and not (folder / "gzip" / n).is_file()]
+    missing = [
+        n
+        for n in EMNIST_FILES
+        if not (folder / n).is_file() and not (folder / "gzip" / n).is_file()
+    ]
     return None, f"{folder} lacks {', '.join(missing)}"
 
 
@@ -241,12 +328,16 @@ def require_support(registry, method: str, x, w, **kw) -> None:
 
     from convbook.conv import conv_spec
 
-    kw = {k: v for k, v in kw.items() if k in ("stride", "padding", "dilation", "groups")}
+    kw = {
+        k: v for k, v in kw.items() if k in ("stride", "padding", "dilation", "groups")
+    }
     if registry.supports(method, conv_spec(x, w, **kw)[3]):
         return
     if currently_in_test_context():
         assume(False)
-    pytest.skip(f"method {method!r} does not solve this problem (its own tests cover its domain)")
+    pytest.skip(
+        f"method {method!r} does not solve this problem (its own tests cover its domain)"
+    )
 
 
 @pytest.fixture
@@ -266,7 +357,11 @@ def torch_conv2d_grads(x, w, b, dy, *, stride=1, padding=0, dilation=1):
         inp, pad = tx, padding
     y = F.conv2d(inp, tw, tb, stride=stride, padding=pad, dilation=dilation)
     y.backward(to_t(nhwc_to_nchw(dy)))
-    return (nchw_to_nhwc(tx.grad.numpy()), tw.grad.numpy().transpose(2, 3, 1, 0), tb.grad.numpy())
+    return (
+        nchw_to_nhwc(tx.grad.numpy()),
+        tw.grad.numpy().transpose(2, 3, 1, 0),
+        tb.grad.numpy(),
+    )
 
 
 def numerical_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:

@@ -3,6 +3,7 @@ same problem in NCHW and channels_last, the faster one as the reference), the ti
 known sleep durations, the training-step benchmark (its PyTorch twin computes what our network
 computes), the command line (table, JSON, plot, output paths checked before any work, argument errors,
 --version). Speed itself is never asserted here: the benchmark measures it and chapter 8 reports it."""
+
 from __future__ import annotations
 
 import json
@@ -19,16 +20,30 @@ import convbook
 from convbook import bench
 from convbook.backward import conv2d_backward, conv2d_backward_methods
 from convbook.conv import conv2d, conv2d_methods
-from convbook.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from convbook.layers import (
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)
 from convbook.train import emnist_cnn
 from conftest import assert_close, torch_conv2d
 
-TINY = [bench.Layer("tiny 3x3", 2, 9, 9, 3, 4, 3, padding=1),
-        bench.Layer("tiny strided dilated", 1, 12, 10, 2, 3, 3, stride=2, padding=2, dilation=2)]
+TINY = [
+    bench.Layer("tiny 3x3", 2, 9, 9, 3, 4, 3, padding=1),
+    bench.Layer(
+        "tiny strided dilated", 1, 12, 10, 2, 3, 3, stride=2, padding=2, dilation=2
+    ),
+]
 
 
 def thread_counts():
-    return torch.get_num_threads(), [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+    return torch.get_num_threads(), [
+        p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"
+    ]
 
 
 @pytest.fixture
@@ -37,6 +52,7 @@ def restore_threads():
     yield
     torch.set_num_threads(torch_threads)
     from threadpoolctl import threadpool_limits
+
     if blas:
         threadpool_limits(limits=blas[0], user_api="blas")
 
@@ -47,18 +63,28 @@ def test_layer_arithmetic_matches_a_real_convolution():
         w = np.zeros((layer.k, layer.k, layer.c_in, layer.c_out), np.float32)
         if layer.n * layer.h * layer.w > 300_000:
             x = x[:1]
-        y = torch.nn.functional.conv2d(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                                       torch.from_numpy(w.transpose(3, 2, 0, 1)),
-                                       stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        y = torch.nn.functional.conv2d(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.from_numpy(w.transpose(3, 2, 0, 1)),
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+        )
         assert tuple(y.shape[2:]) == layer.out_hw, layer
         ho, wo = layer.out_hw
-        assert layer.flops == 2 * layer.n * ho * wo * layer.k**2 * layer.c_in * layer.c_out
+        assert (
+            layer.flops == 2 * layer.n * ho * wo * layer.k**2 * layer.c_in * layer.c_out
+        )
 
 
 def test_suite_covers_what_the_benchmark_promises():
     s = bench.SUITE
     assert {1, 3} <= {l.c_in for l in s}
-    assert any(l.stride == 2 for l in s) and any(l.dilation > 1 for l in s) and any(l.k == 1 for l in s)
+    assert (
+        any(l.stride == 2 for l in s)
+        and any(l.dilation > 1 for l in s)
+        and any(l.k == 1 for l in s)
+    )
     assert any(l.k == 5 and l.padding == 2 for l in s)
     assert any(l.n == 1 for l in s) and any(l.n >= 64 for l in s)
     assert any(l.k == 3 and 32 <= l.c_in <= 128 and 14 <= l.h <= 56 for l in s)
@@ -75,7 +101,9 @@ def test_pytorch_gets_the_same_problem_in_both_layouts(layer):
         tx, tw, tdy = bench._torch_tensors(x, w, dy, layout)
         cl = layout == "channels_last"
         for t in (tx, tw, tdy):
-            assert t.is_contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            assert t.is_contiguous(
+                memory_format=torch.channels_last if cl else torch.contiguous_format
+            )
         if cl and layer.c_in > 1:
             assert not tx.is_contiguous()
         n, h, w_, c = x.shape
@@ -88,8 +116,14 @@ def test_pytorch_gets_the_same_problem_in_both_layouts(layer):
 def test_the_faster_layout_is_the_reference_and_both_are_kept():
     """_head_row takes PyTorch's faster layout per pass; a version that always took NCHW is caught."""
     layer = TINY[0]
-    head = {"nchw": 2.0, "channels_last": 1.0, "auto": 3.0, "nchw_fb": 5.0, "channels_last_fb": 6.0,
-            "auto_fb": 10.0}
+    head = {
+        "nchw": 2.0,
+        "channels_last": 1.0,
+        "auto": 3.0,
+        "nchw_fb": 5.0,
+        "channels_last_fb": 6.0,
+        "auto_fb": 10.0,
+    }
 
     def check(make_row):
         row = make_row(layer, head)
@@ -98,14 +132,19 @@ def test_the_faster_layout_is_the_reference_and_both_are_kept():
         assert row["torch"]["nchw"] == {"forward": 2.0, "fwdbwd": 5.0}
         assert row["torch"]["channels_last"] == {"forward": 1.0, "fwdbwd": 6.0}
         s, n = bench._summary([row]), bench._summary([row], "nchw")
-        assert math.isclose(s["forward_geomean"], 3.0) and math.isclose(n["forward_geomean"], 1.5)
+        assert math.isclose(s["forward_geomean"], 3.0) and math.isclose(
+            n["forward_geomean"], 1.5
+        )
         assert s["fwdbwd_worst"] == 2.0 and n["fwdbwd_worst"] == 2.0
 
     check(bench._head_row)
 
     def always_nchw(layer, head):
         row = bench._head_row(layer, head)
-        row.update(torch_forward=head["nchw"], torch_layout={"forward": "nchw", "fwdbwd": "nchw"})
+        row.update(
+            torch_forward=head["nchw"],
+            torch_layout={"forward": "nchw", "fwdbwd": "nchw"},
+        )
         return row
 
     with pytest.raises(AssertionError):
@@ -121,7 +160,9 @@ def test_timing_helpers_measure_what_they_run():
     assert t["fast"] >= 0.001 and t["slow"] >= 0.02 and t["fast"] < t["slow"]
     m = bench._median_time(slow, repeat=3, budget=5.0)
     assert 0.02 <= m < 1.0
-    med = bench.interleaved_medians({"slow": slow, "fast": fast}, repeat=4, rounds=2, threads=1)
+    med = bench.interleaved_medians(
+        {"slow": slow, "fast": fast}, repeat=4, rounds=2, threads=1
+    )
     assert list(med) == ["slow", "fast"] and med["slow"] >= 0.02
 
 
@@ -147,7 +188,9 @@ def test_pinned_threads_pins_both_libraries_and_restores_them(restore_threads):
 def test_run_report_on_a_tiny_suite(restore_threads):
     lines = []
     before = thread_counts()
-    report = bench.run(TINY, threads=1, repeat=2, budget=0.5, methods="all", progress=lines.append)
+    report = bench.run(
+        TINY, threads=1, repeat=2, budget=0.5, methods="all", progress=lines.append
+    )
     assert thread_counts() == before, "run must restore the thread counts it pinned"
     assert json.loads(json.dumps(report)) == report  # JSON-ready
     assert report["threads"]["torch"] == 1 and "1 threads" in report["threads"]["blas"]
@@ -164,7 +207,9 @@ def test_run_report_on_a_tiny_suite(restore_threads):
         assert row["forward"]["auto"] > 0 and row["fwdbwd"]["auto"] > 0
         assert row["torch_forward"] > 0 and row["torch_fwdbwd"] > 0
         x, w, dy, geom, _ = bench._problem(layer, np.random.default_rng(0))
-        for m, t in row["forward"].items():  # None only where the method refuses the layer
+        for m, t in row[
+            "forward"
+        ].items():  # None only where the method refuses the layer
             if t is None:
                 with pytest.raises(ValueError):
                     conv2d(x, w, **geom, method=m)
@@ -177,13 +222,19 @@ def test_run_report_on_a_tiny_suite(restore_threads):
             else:
                 assert t > 0
     for key, against in (("summary", None), ("summary_nchw", "nchw")):
-        ref = [r["torch_forward"] if against is None else r["torch"]["nchw"]["forward"]
-               for r in report["layers"]]
+        ref = [
+            r["torch_forward"] if against is None else r["torch"]["nchw"]["forward"]
+            for r in report["layers"]
+        ]
         ratios = [r["forward"]["auto"] / t for r, t in zip(report["layers"], ref)]
-        assert math.isclose(report[key]["forward_geomean"], math.exp(np.mean(np.log(ratios))))
+        assert math.isclose(
+            report[key]["forward_geomean"], math.exp(np.mean(np.log(ratios)))
+        )
         assert math.isclose(report[key]["forward_worst"], max(ratios))
     text = bench.table(report)
-    for name in [layer.name for layer in TINY] + conv2d_methods() + conv2d_backward_methods():
+    for name in (
+        [layer.name for layer in TINY] + conv2d_methods() + conv2d_backward_methods()
+    ):
         assert name in text
     assert "geometric mean" in text and "threads: PyTorch 1" in text and "NCHW" in text
     assert "ch-last" in text and "against NCHW only" in text
@@ -194,23 +245,44 @@ def test_plot_draws_both_panels(restore_threads):
     import matplotlib
 
     matplotlib.use("Agg")
-    report = bench.run(TINY, threads=1, repeat=1, budget=0.2, methods="auto", progress=lambda s: None)
+    report = bench.run(
+        TINY, threads=1, repeat=1, budget=0.2, methods="auto", progress=lambda s: None
+    )
     fig = bench.plot(report)
     ratio_ax, roof_ax = fig.axes
     labels = [t.get_text() for t in ratio_ax.get_yticklabels()]
     assert labels == [f"{k + 1}. {layer.name}" for k, layer in enumerate(TINY)]
     numbers = {t.get_text() for t in roof_ax.texts}
-    assert numbers == {str(k + 1) for k in range(len(TINY))}, "every roofline point is numbered"
+    assert numbers == {str(k + 1) for k in range(len(TINY))}, (
+        "every roofline point is numbered"
+    )
     for ax in fig.axes:  # legends sit above the axes, not over the data
         box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
         assert box.y0 >= ax.get_window_extent(fig.canvas.get_renderer()).y1 - 1
 
 
-def test_command_line_writes_table_json_and_plot(monkeypatch, tmp_path, capsys, restore_threads):
+def test_command_line_writes_table_json_and_plot(
+    monkeypatch, tmp_path, capsys, restore_threads
+):
     monkeypatch.setattr(bench, "SUITE", TINY[:1])
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
-    assert bench.main(["--methods", "auto", "--threads", "1", "--repeat", "2", "--json", str(out_json),
-                       "--plot", str(out_png)]) == 0
+    assert (
+        bench.main(
+            [
+                "--methods",
+                "auto",
+                "--threads",
+                "1",
+                "--repeat",
+                "2",
+                "--json",
+                str(out_json),
+                "--plot",
+                str(out_png),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "tiny 3x3" in printed and str(out_json) in printed
     report = json.loads(out_json.read_text())
@@ -219,7 +291,9 @@ def test_command_line_writes_table_json_and_plot(monkeypatch, tmp_path, capsys, 
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("args", [["--threads", "0"], ["--repeat", "0"], ["--methods", "some"]])
+@pytest.mark.parametrize(
+    "args", [["--threads", "0"], ["--repeat", "0"], ["--methods", "some"]]
+)
 def test_command_line_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
@@ -231,12 +305,17 @@ def _fail_if_run(*args, **kwargs):
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])
-@pytest.mark.parametrize("where,why", [
-    ("missing/out.file", "does not exist"),  # a folder that is not there
-    ("a-file/out.file", "does not exist"),   # the 'folder' is a file
-    ("a-folder", "is a folder"),             # the path is a folder
-])
-def test_output_paths_are_checked_before_any_work(option, where, why, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "where,why",
+    [
+        ("missing/out.file", "does not exist"),  # a folder that is not there
+        ("a-file/out.file", "does not exist"),  # the 'folder' is a file
+        ("a-folder", "is a folder"),  # the path is a folder
+    ],
+)
+def test_output_paths_are_checked_before_any_work(
+    option, where, why, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(bench, "run", _fail_if_run)
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "a-folder").mkdir()
@@ -248,7 +327,9 @@ def test_output_paths_are_checked_before_any_work(option, where, why, tmp_path, 
     assert not (tmp_path / "fine.out").exists(), "the check must not leave files behind"
 
 
-def test_an_unwritable_output_is_reported_before_any_work(tmp_path, monkeypatch, capsys):
+def test_an_unwritable_output_is_reported_before_any_work(
+    tmp_path, monkeypatch, capsys
+):
     """Permissions cannot be taken away from root, so the probe's open() is made to fail as it would
     for a read-only folder; the check, not the writing at the end, must report it."""
     monkeypatch.setattr(bench, "run", _fail_if_run)
@@ -265,8 +346,9 @@ def test_an_unwritable_output_is_reported_before_any_work(tmp_path, monkeypatch,
     assert e.value.code == 2 and "--json" in err and "Permission denied" in err
 
 
-def test_an_empty_json_path_is_rejected_and_an_empty_plot_path_means_no_plot(monkeypatch, tmp_path,
-                                                                             capsys, restore_threads):
+def test_an_empty_json_path_is_rejected_and_an_empty_plot_path_means_no_plot(
+    monkeypatch, tmp_path, capsys, restore_threads
+):
     monkeypatch.setattr(bench, "run", _fail_if_run)
     with pytest.raises(SystemExit) as e:
         bench.main(["--json", ""])
@@ -274,7 +356,12 @@ def test_an_empty_json_path_is_rejected_and_an_empty_plot_path_means_no_plot(mon
     monkeypatch.undo()
     monkeypatch.setattr(bench, "SUITE", TINY[:1])
     monkeypatch.chdir(tmp_path)
-    assert bench.main(["--methods", "auto", "--threads", "1", "--repeat", "1", "--plot", ""]) == 0
+    assert (
+        bench.main(
+            ["--methods", "auto", "--threads", "1", "--repeat", "1", "--plot", ""]
+        )
+        == 0
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convbook-bench.json"]
 
 
@@ -282,13 +369,26 @@ def test_version_option_prints_the_package_version(capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["--version"])
     assert e.value.code == 0
-    assert capsys.readouterr().out.split() == ["python", "-m", "convbook.bench", convbook.__version__]
+    assert capsys.readouterr().out.split() == [
+        "python",
+        "-m",
+        "convbook.bench",
+        convbook.__version__,
+    ]
 
 
 def _small_net(rng):
-    return Sequential(Conv2d(2, 4, 3, padding=1, input_grad=False, rng=rng), MaxPool2d(2), ReLU(),
-                      Conv2d(4, 6, 3, stride=2, padding=1, rng=rng), Flatten(), Linear(6 * 2 * 3, 5, rng=rng),
-                      ReLU(), Dropout(0.3, rng=rng), Linear(5, 3, rng=rng))
+    return Sequential(
+        Conv2d(2, 4, 3, padding=1, input_grad=False, rng=rng),
+        MaxPool2d(2),
+        ReLU(),
+        Conv2d(4, 6, 3, stride=2, padding=1, rng=rng),
+        Flatten(),
+        Linear(6 * 2 * 3, 5, rng=rng),
+        ReLU(),
+        Dropout(0.3, rng=rng),
+        Linear(5, 3, rng=rng),
+    )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -296,8 +396,10 @@ def test_torch_twin_computes_what_our_network_computes(layout):
     """Logits (evaluation mode) and every parameter gradient of the twin equal ours; the Linear after
     Flatten needs its rows permuted from our (H, W, C) order to PyTorch's (C, H, W)."""
     rng = np.random.default_rng(0)
-    for net, x in [(_small_net(rng), rng.standard_normal((3, 8, 12, 2), dtype=np.float32)),
-                   (emnist_cnn(47, seed=1), rng.standard_normal((2, 28, 28, 1), dtype=np.float32))]:
+    for net, x in [
+        (_small_net(rng), rng.standard_normal((3, 8, 12, 2), dtype=np.float32)),
+        (emnist_cnn(47, seed=1), rng.standard_normal((2, 28, 28, 1), dtype=np.float32)),
+    ]:
         twin = bench.torch_twin(net, x, layout)
         if layout == "channels_last":
             assert twin[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -345,8 +447,9 @@ def test_torch_twin_refuses_layers_it_does_not_know():
 def test_run_train_step_report(restore_threads):
     lines = []
     before = thread_counts()
-    report = bench.run_train_step(threads=(1,), batch=4, repeat=1, rounds=1, budget=5.0,
-                                  progress=lines.append)
+    report = bench.run_train_step(
+        threads=(1,), batch=4, repeat=1, rounds=1, budget=5.0, progress=lines.append
+    )
     assert thread_counts() == before
     assert json.loads(json.dumps(report)) == report
     (run,) = report["runs"]
@@ -356,12 +459,16 @@ def test_run_train_step_report(restore_threads):
         assert set(side) == {"forward", "backward", "optimizer", "total"}
         assert all(v > 0 for v in side.values())
     net = emnist_cnn(47)
-    assert [r["name"].split()[1] for r in run["layers"]] == [type(l).__name__ for l in net.layers]
+    assert [r["name"].split()[1] for r in run["layers"]] == [
+        type(l).__name__ for l in net.layers
+    ]
     for row in run["layers"]:
         assert set(row) == {"name", "numpy", "nchw", "channels_last"}
     best = min(bench.LAYOUTS, key=lambda k: run["step"][k]["total"])
     assert run["step_layout"] == best
-    assert math.isclose(run["ratio"], run["step"]["numpy"]["total"] / run["step"][best]["total"])
+    assert math.isclose(
+        run["ratio"], run["step"]["numpy"]["total"] / run["step"][best]["total"]
+    )
     assert len(lines) == 1 and "ratio" in lines[0]
     text = bench.train_step_table(report)
     assert "whole step" in text and " 0 Conv2d 1->32 3x3" in text

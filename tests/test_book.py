@@ -1,5 +1,6 @@
 """The book's sources: every chapter in the table of contents exists, is clean, ends with exercises,
 and renders without nbdev directives."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,9 @@ def _toc_files(entries) -> list[str]:
     return out
 
 
-ALL_PAGES = [TOC["root"]] + [f for part in TOC.get("parts", [TOC]) for f in _toc_files(part.get("chapters"))]
+ALL_PAGES = [TOC["root"]] + [
+    f for part in TOC.get("parts", [TOC]) for f in _toc_files(part.get("chapters"))
+]
 PAGES = [p for p in ALL_PAGES if (ROOT / f"{p}.ipynb").exists()]  # the notebooks
 CHAPTERS = [p for p in PAGES if p != TOC["root"]]
 DIRECTIVE = re.compile(r"^\s*#\s*\|", re.M)
@@ -52,13 +55,17 @@ def test_chapter_has_title_summary_and_exercises(page):
     cells = load(page)["cells"]
     md = [source(c) for c in cells if c["cell_type"] == "markdown"]
     assert md[0].startswith("# "), f"{page}: first markdown cell must be the title"
-    assert "\n> " in md[0], f"{page}: title cell needs a '> summary' line (the module docstring)"
+    assert "\n> " in md[0], (
+        f"{page}: title cell needs a '> summary' line (the module docstring)"
+    )
     text = "\n".join(md)
     assert "## Exercises" in text
     labels = re.findall(r"```\{exercise(?:-start)?\}[^\n]*\n:label: (\S+)", text)
     assert labels, f"{page}: no exercises"
     for label in labels:
-        assert f"{{solution-start}} {label}" in text, f"{page}: exercise {label} has no solution"
+        assert f"{{solution-start}} {label}" in text, (
+            f"{page}: exercise {label} has no solution"
+        )
     assert text.count("{solution-start}") == text.count("{solution-end}")
     assert text.count("{exercise-start}") == text.count("{exercise-end}")
 
@@ -69,27 +76,49 @@ def test_rendered_notebook_has_no_directives(page):
     for cell in nb["cells"]:
         if cell["cell_type"] == "code":
             tags = cell.get("metadata", {}).get("tags", [])
-            assert "remove-cell" in tags or not DIRECTIVE.search(source(cell)), source(cell)[:80]
+            assert "remove-cell" in tags or not DIRECTIVE.search(source(cell)), source(
+                cell
+            )[:80]
 
 
 def test_strip_directives_on_a_sample():
-    nb = {"cells": [
-        {"cell_type": "code", "metadata": {}, "source": "#| default_exp conv"},
-        {"cell_type": "code", "metadata": {}, "source": ["#| export\n", "def f():\n", "    return 1\n"]},
-        {"cell_type": "code", "metadata": {}, "source": "#| hide\nimport os"},
-        {"cell_type": "code", "metadata": {"nbdev": {"hide": True}}, "source": "x = 1"},
-        {"cell_type": "code", "metadata": {}, "source": "x = 2  #| not a directive"},
-        {"cell_type": "markdown", "metadata": {}, "source": "#| stays in markdown"},
-    ]}
+    nb = {
+        "cells": [
+            {"cell_type": "code", "metadata": {}, "source": "#| default_exp conv"},
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": ["#| export\n", "def f():\n", "    return 1\n"],
+            },
+            {"cell_type": "code", "metadata": {}, "source": "#| hide\nimport os"},
+            {
+                "cell_type": "code",
+                "metadata": {"nbdev": {"hide": True}},
+                "source": "x = 1",
+            },
+            {
+                "cell_type": "code",
+                "metadata": {},
+                "source": "x = 2  #| not a directive",
+            },
+            {"cell_type": "markdown", "metadata": {}, "source": "#| stays in markdown"},
+        ]
+    }
     cells = strip_directives(nb)["cells"]
     tags = [c["metadata"].get("tags", []) for c in cells]
-    assert tags[0] == ["remove-cell"] and tags[2] == ["remove-cell"] and tags[3] == ["remove-cell"]
+    assert (
+        tags[0] == ["remove-cell"]
+        and tags[2] == ["remove-cell"]
+        and tags[3] == ["remove-cell"]
+    )
     assert cells[1]["source"] == "def f():\n    return 1\n" and tags[1] == []
     assert cells[4]["source"] == "x = 2  #| not a directive" and tags[4] == []
     assert cells[5]["source"] == "#| stays in markdown"
 
 
-INSTALL_CELL = "# Outside this repository (Colab, a bare Binder), install what this chapter needs."
+INSTALL_CELL = (
+    "# Outside this repository (Colab, a bare Binder), install what this chapter needs."
+)
 LOCAL_PATH = re.compile(r"(\.\./shared|/work/|/tmp/|/root/|_build/)")
 
 
@@ -102,11 +131,15 @@ def test_notebook_runs_outside_this_checkout(page):
         return
     install = next((c for c in code[:3] if INSTALL_CELL in source(c)), None)
     assert install is not None, f"{page}: no install cell among the first code cells"
-    assert re.match(r"\s*#\|\s*hide", source(install)), f"{page}: the install cell must be hidden"
+    assert re.match(r"\s*#\|\s*hide", source(install)), (
+        f"{page}: the install cell must be hidden"
+    )
     assert "git+https://github.com/convbook/convbook" in source(install)
     for cell in load(page)["cells"]:
         m = LOCAL_PATH.search(source(cell))
-        assert not m, f"{page}: refers to a local path {m.group()!r}: {source(cell)[:120]}"
+        assert not m, (
+            f"{page}: refers to a local path {m.group()!r}: {source(cell)[:120]}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -118,7 +151,9 @@ def test_notebook_runs_outside_this_checkout(page):
 
 MEASURED = re.compile(
     r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)\s*(×(?!\s*[\d(])|x(?![\w(])|ms\b|µs\b|%|GFLOP|GB/s|MB/s|"
-    r"times (?:faster|slower|as (?:long|fast|many))|-fold)", re.I)
+    r"times (?:faster|slower|as (?:long|fast|many))|-fold)",
+    re.I,
+)
 
 ALLOWED_NUMBERS = {  # (page, matched text): why it is not a measurement
     ("book/04_im2col", "1%"): "the tolerance the memory prediction is held to",
@@ -157,16 +192,29 @@ def typed_numbers(page: str) -> list[str]:
 @pytest.mark.parametrize("page", ALL_PAGES)
 def test_no_measured_number_is_typed_into_prose(page):
     found = [t for t in typed_numbers(page) if (page, t) not in ALLOWED_NUMBERS]
-    assert not found, (f"{page}: {found} look like measured numbers typed by hand; glue them, "
-                       "generate the sentence, or list a derivation in ALLOWED_NUMBERS")
+    assert not found, (
+        f"{page}: {found} look like measured numbers typed by hand; glue them, "
+        "generate the sentence, or list a derivation in ALLOWED_NUMBERS"
+    )
 
 
 def test_the_prose_scanner_catches_typed_measurements():
-    for typed in ["im2col is 6× slower here", "it takes 3.5 ms", "a 12% gain", "at 40 GFLOP/s",
-                  "about 2.3x faster", "NumPy was 3 times slower"]:
+    for typed in [
+        "im2col is 6× slower here",
+        "it takes 3.5 ms",
+        "a 12% gain",
+        "at 40 GFLOP/s",
+        "about 2.3x faster",
+        "NumPy was 3 times slower",
+    ]:
         assert MEASURED.search(prose_of(typed)), typed
-    for fine in ["a 3×3 kernel", "47 × (240 + 60) images", "the ratio {glue:text}`r:.1f`×",
-                 "`t = 3 ms`", "$2.25\\times$ fewer"]:
+    for fine in [
+        "a 3×3 kernel",
+        "47 × (240 + 60) images",
+        "the ratio {glue:text}`r:.1f`×",
+        "`t = 3 ms`",
+        "$2.25\\times$ fewer",
+    ]:
         assert not MEASURED.search(prose_of(fine)), fine
 
 

@@ -1,4 +1,5 @@
 """conv2d, every method, against torch.nn.functional.conv2d over random configurations."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,13 +7,29 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convbook import conv2d, conv2d_methods, hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
+from convbook import (
+    conv2d,
+    conv2d_methods,
+    hwio_to_oihw,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    oihw_to_hwio,
+)
 from convbook.conv import CONV2D_METHODS, conv_spec, padded
-from conftest import (assert_close, cases_for, conv_cases, general_methods, require_support,
-                      torch_conv2d)
+from conftest import (
+    assert_close,
+    cases_for,
+    conv_cases,
+    general_methods,
+    require_support,
+    torch_conv2d,
+)
 
 METHODS = ["auto", *conv2d_methods()]
-GENERAL = ["auto", *general_methods(CONV2D_METHODS)]  # the methods that solve every problem
+GENERAL = [
+    "auto",
+    *general_methods(CONV2D_METHODS),
+]  # the methods that solve every problem
 
 
 def check_conv2d(impl, case, dtype):
@@ -41,7 +58,15 @@ def test_conv2d_float32(method, data):
 def conv2d_strides_swapped(x, w, b=None, *, stride=1, padding=0, dilation=1):
     """A subtly wrong conv2d: uses the width stride for the height and vice versa."""
     s = (stride, stride) if isinstance(stride, int) else stride
-    return conv2d(x, w, b, stride=(s[1], s[0]), padding=padding, dilation=dilation, method="einsum")
+    return conv2d(
+        x,
+        w,
+        b,
+        stride=(s[1], s[0]),
+        padding=padding,
+        dilation=dilation,
+        method="einsum",
+    )
 
 
 def conv2d_flipped_kernel(x, w, b=None, **kw):
@@ -51,32 +76,50 @@ def conv2d_flipped_kernel(x, w, b=None, **kw):
 
 @pytest.mark.parametrize("wrong", [conv2d_strides_swapped, conv2d_flipped_kernel])
 def test_property_catches_wrong_implementations(wrong):
-    prop = settings(max_examples=300, report_multiple_bugs=False)(given(case=conv_cases(np.float64))(
-        lambda case: check_conv2d(wrong, case, np.float64)))
+    prop = settings(max_examples=300, report_multiple_bugs=False)(
+        given(case=conv_cases(np.float64))(
+            lambda case: check_conv2d(wrong, case, np.float64)
+        )
+    )
     with pytest.raises(AssertionError):
         prop()
 
 
 @pytest.mark.parametrize("method", GENERAL)
-@pytest.mark.parametrize("xs,ws,kw", [
-    ((1, 6, 5, 1), (1, 1, 1, 1), {}),                                   # 1x1 kernel, C = 1, batch 1
-    ((2, 6, 5, 3), (1, 1, 3, 4), dict(stride=2)),                      # 1x1 kernel with stride
-    ((1, 5, 4, 2), (5, 4, 2, 3), {}),                                   # kernel = image
-    ((1, 3, 3, 1), (5, 5, 1, 1), dict(padding=1)),                      # kernel = padded image
-    ((1, 3, 3, 1), (3, 3, 1, 2), dict(padding="same", dilation=2)),
-    ((1, 7, 6, 1), (4, 2, 1, 1), dict(padding="same")),                 # even kernel: asymmetric 'same'
-    ((1, 1, 1, 1), (1, 1, 1, 1), {}),
-])
+@pytest.mark.parametrize(
+    "xs,ws,kw",
+    [
+        ((1, 6, 5, 1), (1, 1, 1, 1), {}),  # 1x1 kernel, C = 1, batch 1
+        ((2, 6, 5, 3), (1, 1, 3, 4), dict(stride=2)),  # 1x1 kernel with stride
+        ((1, 5, 4, 2), (5, 4, 2, 3), {}),  # kernel = image
+        ((1, 3, 3, 1), (5, 5, 1, 1), dict(padding=1)),  # kernel = padded image
+        ((1, 3, 3, 1), (3, 3, 1, 2), dict(padding="same", dilation=2)),
+        (
+            (1, 7, 6, 1),
+            (4, 2, 1, 1),
+            dict(padding="same"),
+        ),  # even kernel: asymmetric 'same'
+        ((1, 1, 1, 1), (1, 1, 1, 1), {}),
+    ],
+)
 def test_conv2d_edge_cases(method, xs, ws, kw, rng):
-    x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[3])
-    assert_close(conv2d(x, w, b, method=method, **kw), torch_conv2d(x, w, b, **kw), np.float64)
+    x, w, b = (
+        rng.standard_normal(xs),
+        rng.standard_normal(ws),
+        rng.standard_normal(ws[3]),
+    )
+    assert_close(
+        conv2d(x, w, b, method=method, **kw), torch_conv2d(x, w, b, **kw), np.float64
+    )
 
 
 def test_dtypes(rng):
     x, w = rng.standard_normal((1, 5, 5, 2)), rng.standard_normal((3, 3, 2, 2))
     assert conv2d(x.astype(np.float32), w.astype(np.float32)).dtype == np.float32
-    assert conv2d(x.astype(np.float32), w).dtype == np.float64            # NumPy promotion
-    xi = rng.integers(0, 255, (1, 5, 5, 2), dtype=np.uint8)              # integer images work, in float64
+    assert conv2d(x.astype(np.float32), w).dtype == np.float64  # NumPy promotion
+    xi = rng.integers(
+        0, 255, (1, 5, 5, 2), dtype=np.uint8
+    )  # integer images work, in float64
     y = conv2d(xi, w.astype(np.float32))
     assert y.dtype == np.float64 or y.dtype == np.float32
     assert_close(conv2d(xi, w), torch_conv2d(xi.astype(np.float64), w), np.float64)
@@ -86,8 +129,10 @@ def test_layout_converters_index_mapping(rng):
     x = rng.standard_normal((2, 3, 4, 5))
     n, h, w, c = 1, 2, 3, 4
     assert nhwc_to_nchw(x)[n, c, h, w] == x[n, h, w, c]
-    assert nchw_to_nhwc(nhwc_to_nchw(x)) is not x and np.array_equal(nchw_to_nhwc(nhwc_to_nchw(x)), x)
-    k = rng.standard_normal((3, 2, 4, 5))                                 # (KH, KW, C_in, C_out)
+    assert nchw_to_nhwc(nhwc_to_nchw(x)) is not x and np.array_equal(
+        nchw_to_nhwc(nhwc_to_nchw(x)), x
+    )
+    k = rng.standard_normal((3, 2, 4, 5))  # (KH, KW, C_in, C_out)
     assert hwio_to_oihw(k)[4, 3, 2, 1] == k[2, 1, 3, 4]
     assert np.array_equal(oihw_to_hwio(hwio_to_oihw(k)), k)
 
@@ -95,7 +140,7 @@ def test_layout_converters_index_mapping(rng):
 def test_auto_picks_a_registered_method_and_no_padding_copy(rng):
     x, w = rng.standard_normal((1, 5, 5, 2)), rng.standard_normal((3, 3, 2, 2))
     xc, _, _, spec = conv_spec(x, w)
-    assert padded(xc, spec) is xc        # no padding: no copy
+    assert padded(xc, spec) is xc  # no padding: no copy
     assert set(conv2d_methods()) >= {"naive", "einsum"}
 
 
@@ -109,7 +154,9 @@ def test_domains_match_the_registry(registry):
 
     reg = CONV2D_METHODS if registry == "conv2d" else CONV2D_BACKWARD_METHODS
     restricted = [m for m in reg.names() if m not in general_methods(reg)]
-    assert set(restricted) <= set(DOMAINS), f"no domain in conftest.DOMAINS for {restricted}"
+    assert set(restricted) <= set(DOMAINS), (
+        f"no domain in conftest.DOMAINS for {restricted}"
+    )
 
     @settings(max_examples=40)
     @given(data=st.data())

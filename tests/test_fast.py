@@ -5,6 +5,7 @@ convolution; the workspace cap measured with tracemalloc; a deliberately wrong t
 tiles shared out to several threads (results, determinism, BLAS at one thread inside, the cap, fork).
 
 Tolerances as everywhere: float64 within 1e-10 of the reference's scale, float32 within 2e-5."""
+
 from __future__ import annotations
 
 import threading
@@ -18,9 +19,20 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 from convbook import fast
 from convbook.conv import conv_spec
-from convbook.fast import (SMALL_C, WORKSPACE_BYTES, conv2d_backward_fast, conv2d_fast,
-                           plan_tiles)
-from conftest import assert_close, conv_cases, make_layout, torch_conv2d, torch_conv2d_grads
+from convbook.fast import (
+    SMALL_C,
+    WORKSPACE_BYTES,
+    conv2d_backward_fast,
+    conv2d_fast,
+    plan_tiles,
+)
+from conftest import (
+    assert_close,
+    conv_cases,
+    make_layout,
+    torch_conv2d,
+    torch_conv2d_grads,
+)
 
 
 @st.composite
@@ -35,7 +47,13 @@ def fast_cases(draw, dtype=np.float64):
     w = rng.standard_normal((*case.w.shape[:2], c_in, case.w.shape[3])).astype(dtype)
     cap = draw(st.sampled_from([1, 300, 2_000, 20_000, WORKSPACE_BYTES]))
     input_grad = draw(st.booleans())
-    return x, w, dict(stride=case.stride, padding=case.padding, dilation=case.dilation), cap, input_grad
+    return (
+        x,
+        w,
+        dict(stride=case.stride, padding=case.padding, dilation=case.dilation),
+        cap,
+        input_grad,
+    )
 
 
 def check_fast(x, w, kwargs, cap, input_grad, dtype, forward=None, backward=None):
@@ -82,13 +100,25 @@ def test_pointwise_shortcut_and_its_fallbacks(rng):
     inputs take the tiled path. All must agree with PyTorch."""
     w = rng.standard_normal((1, 1, 6, 5))
     x = rng.standard_normal((3, 7, 8, 6))
-    for xx, kw in [(x, {}), (x, dict(padding=1)), (x, dict(stride=2)), (x[:, ::-1], {}),
-                   (np.asfortranarray(x), {})]:
+    for xx, kw in [
+        (x, {}),
+        (x, dict(padding=1)),
+        (x, dict(stride=2)),
+        (x[:, ::-1], {}),
+        (np.asfortranarray(x), {}),
+    ]:
         check_fast(xx, w, kw, WORKSPACE_BYTES, True, np.float64)
 
 
-@pytest.mark.parametrize("layer", [(64, 28, 28, 32, 3, 1, 1), (2, 200, 300, 64, 3, 1, 1),
-                                   (8, 30, 30, 3, 5, 2, 2), (1, 9, 4000, 16, 3, 1, 1)])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        (64, 28, 28, 32, 3, 1, 1),
+        (2, 200, 300, 64, 3, 1, 1),
+        (8, 30, 30, 3, 5, 2, 2),
+        (1, 9, 4000, 16, 3, 1, 1),
+    ],
+)
 def test_tiles_cover_the_output_once_and_fit_the_cap(layer):
     n, h, w, c, k, stride, pad = layer
     x = np.zeros((n, h, w, c), np.float32)
@@ -102,7 +132,9 @@ def test_tiles_cover_the_output_once_and_fit_the_cap(layer):
         tile, cols = fast._buffers(spec, cap)
         nb, rb = plan_tiles(spec, cap)
         t1, c1 = fast._buffers(spec, 1)  # a tile of one row
-        if 2 * t1.nbytes + c1.nbytes <= cap:  # the documented condition (input, its gradient, cols)
+        if (
+            2 * t1.nbytes + c1.nbytes <= cap
+        ):  # the documented condition (input, its gradient, cols)
             assert tile.nbytes * 2 + cols.nbytes <= cap, (cap, nb, rb)
         else:
             assert (nb, rb) == (1, 1)
@@ -117,7 +149,9 @@ def _peak_extra(fn, *result_bytes):
     out = fn()
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    returned = sum(a.nbytes for a in (out if isinstance(out, tuple) else (out,)) if a is not None)
+    returned = sum(
+        a.nbytes for a in (out if isinstance(out, tuple) else (out,)) if a is not None
+    )
     return peak - returned
 
 
@@ -146,8 +180,10 @@ def test_im2col_memory_grows_with_the_batch_and_fast_does_not():
     for n in (4, 16):
         x = rng.standard_normal((n, 32, 32, 16), dtype=np.float32)
         _, _, _, spec = conv_spec(x, w, padding=1)
-        peaks[n] = (_peak_extra(lambda: conv2d(x, w, padding=1, method="im2col")),
-                    _peak_extra(lambda: conv2d_fast(x, w, spec, 100_000)))
+        peaks[n] = (
+            _peak_extra(lambda: conv2d(x, w, padding=1, method="im2col")),
+            _peak_extra(lambda: conv2d_fast(x, w, spec, 100_000)),
+        )
     cols16 = 16 * 32 * 32 * 9 * 16 * 4
     assert peaks[16][0] >= cols16 and peaks[16][0] > 3.5 * peaks[4][0]
     assert peaks[16][1] <= 100_000 and peaks[4][1] <= 100_000
@@ -158,18 +194,25 @@ def test_a_wrong_tiling_is_caught(monkeypatch):
     for undilated kernels and for whole images, wrong when rows are split. The checks must fail."""
 
     def input_rows_without_dilation(spec, r0, r1):
-        return r0 * spec.stride[0] - spec.padding[0][0], (r1 - r0 - 1) * spec.stride[0] + spec.w_shape[0]
+        return r0 * spec.stride[0] - spec.padding[0][0], (r1 - r0 - 1) * spec.stride[
+            0
+        ] + spec.w_shape[0]
 
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 12, 9, 3)), rng.standard_normal((3, 3, 3, 2))
-    check_fast(x, w, dict(dilation=2, padding=2), 2_000, True, np.float64)  # the real one passes
+    check_fast(
+        x, w, dict(dilation=2, padding=2), 2_000, True, np.float64
+    )  # the real one passes
     monkeypatch.setattr(fast, "_input_rows", input_rows_without_dilation)
-    check_fast(x, w, dict(dilation=1, padding=1), 2_000, True, np.float64)  # undetectable here
+    check_fast(
+        x, w, dict(dilation=1, padding=1), 2_000, True, np.float64
+    )  # undetectable here
     with pytest.raises((AssertionError, ValueError)):
         check_fast(x, w, dict(dilation=2, padding=2), 2_000, True, np.float64)
 
 
 # --- tiles on several threads -------------------------------------------------------------------
+
 
 def _blas_threads():
     return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
@@ -183,8 +226,13 @@ def test_tiles_on_several_threads_agree_with_pytorch(threads, c_in, stride):
     3 threads, on problems big enough for several tiles per thread, rows split or whole images."""
     rng = np.random.default_rng(threads)
     with threadpool_limits(limits=threads, user_api="blas"):
-        assert fast.tile_threads() == min(threads, fast._cores())  # one per core at most
-        for shape in [(13, 17, 15, c_in), (1, 60, 23, c_in)]:  # whole images; one image in row blocks
+        assert fast.tile_threads() == min(
+            threads, fast._cores()
+        )  # one per core at most
+        for shape in [
+            (13, 17, 15, c_in),
+            (1, 60, 23, c_in),
+        ]:  # whole images; one image in row blocks
             x = rng.standard_normal(shape)
             w = rng.standard_normal((3, 3, c_in, 6))
             for cap in (60_000, WORKSPACE_BYTES):
@@ -210,10 +258,14 @@ def test_parallel_tiles_really_run_on_threads_with_one_blas_thread_each(monkeypa
         fast.conv2d_fast(x, w, spec)
         assert max(_blas_threads()) == 2
         workers = {ident for ident, _ in seen}
-        assert threading.get_ident() in workers and len(workers) == 2  # the caller and one more
+        assert (
+            threading.get_ident() in workers and len(workers) == 2
+        )  # the caller and one more
         assert {blas for _, blas in seen} == {1}
         seen.clear()
-        fast.conv2d_fast(x[:1, :4], w, conv_spec(x[:1, :4], w, padding=1)[3])  # tiny: here
+        fast.conv2d_fast(
+            x[:1, :4], w, conv_spec(x[:1, :4], w, padding=1)[3]
+        )  # tiny: here
         assert {ident for ident, _ in seen} == {threading.get_ident()}
         seen.clear()
         monkeypatch.setattr(fast, "PARALLEL_TILES", False)
@@ -236,10 +288,14 @@ def test_parallel_backward_is_deterministic_and_equals_one_thread():
         assert np.array_equal(dx, runs[0][0]) and np.array_equal(dw, runs[0][1])
     with threadpool_limits(limits=1, user_api="blas"):
         dx1, dw1 = conv2d_backward_fast(dy, x, w, spec)
-    assert_close(runs[0][1], dw1, np.float32) and assert_close(runs[0][0], dx1, np.float32)
+    assert_close(runs[0][1], dw1, np.float32) and assert_close(
+        runs[0][0], dx1, np.float32
+    )
 
 
-def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_rows(monkeypatch):
+def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_rows(
+    monkeypatch,
+):
     """col2im adds each tile's rows into dx, and neighbouring row blocks share halo rows: with
     by_image the threads' shares are cut between images, so no two threads add into the same rows;
     without it, between any tiles. Every tile is run exactly once either way."""
@@ -253,17 +309,37 @@ def test_row_blocks_of_one_image_stay_in_one_thread_when_they_add_into_shared_ro
     for by_image in (True, False):
         for threads in (2, 3):
             seen = []
-            fast._in_threads(spec, cap, threads, by_image, lambda: [],
-                             lambda state, tile: (state.append(tile), seen.append(tile)))
+            fast._in_threads(
+                spec,
+                cap,
+                threads,
+                by_image,
+                lambda: [],
+                lambda state, tile: (state.append(tile), seen.append(tile)),
+            )
             assert sorted(seen) == sorted(fast._tiles(spec, cap))  # each tile once
-            states = fast._in_threads(spec, cap, threads, by_image, lambda: [],
-                                      lambda state, tile: state.append(tile))
+            states = fast._in_threads(
+                spec,
+                cap,
+                threads,
+                by_image,
+                lambda: [],
+                lambda state, tile: state.append(tile),
+            )
             images = [{t[0] for t in state} for state in states]
             if by_image:
-                assert all(not (a & b) for k, a in enumerate(images) for b in images[k + 1:])
-    rows_split = [{t[0] for t in s} for s in fast._in_threads(spec, cap, 2, False, lambda: [],
-                                                             lambda st, t: st.append(t))]
-    assert rows_split[0] & rows_split[1], "without by_image an image is split: the check can fail"
+                assert all(
+                    not (a & b) for k, a in enumerate(images) for b in images[k + 1 :]
+                )
+    rows_split = [
+        {t[0] for t in s}
+        for s in fast._in_threads(
+            spec, cap, 2, False, lambda: [], lambda st, t: st.append(t)
+        )
+    ]
+    assert rows_split[0] & rows_split[1], (
+        "without by_image an image is split: the check can fail"
+    )
 
 
 def test_workspace_with_two_threads_stays_under_the_cap():
@@ -298,7 +374,9 @@ def test_a_forked_child_can_use_the_tiles_after_the_parent_did():
     with threadpool_limits(limits=2, user_api="blas"):
         x = np.ones((16, 20, 20, 8), np.float32)
         w = np.ones((3, 3, 8, 4), np.float32)
-        expected = float(fast.conv2d_fast(x, w, conv_spec(x, w)[3]).sum())  # the pool now exists
+        expected = float(
+            fast.conv2d_fast(x, w, conv_spec(x, w)[3]).sum()
+        )  # the pool now exists
         ctx = multiprocessing.get_context("fork")
         queue = ctx.Queue()
         child = ctx.Process(target=_conv_in_child, args=(queue,))

@@ -2,6 +2,7 @@
 `groups=` against PyTorch over random problems (forward; dx, dw, db), float64 and float32, every
 memory layout; bad group counts; and a grouped convolution that takes a group's input channels
 interleaved instead of as a block is caught."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from convbook import conv2d, conv2d_backward, conv2d_backward_methods, conv2d_methods
-from conftest import LAYOUTS, assert_close, general_methods, make_layout, require_support, to_t
+from conftest import (
+    LAYOUTS,
+    assert_close,
+    general_methods,
+    make_layout,
+    require_support,
+    to_t,
+)
 from convbook.backward import CONV2D_BACKWARD_METHODS
 from convbook.conv import CONV2D_METHODS
 
@@ -37,8 +45,13 @@ def grouped_cases(draw, dtype=np.float64):
 
 
 def torch_forward(x, w, b, g, geom):
-    y = F.conv2d(to_t(x.transpose(0, 3, 1, 2)), to_t(w.transpose(3, 2, 0, 1)),
-                 None if b is None else to_t(b), groups=g, **geom)
+    y = F.conv2d(
+        to_t(x.transpose(0, 3, 1, 2)),
+        to_t(w.transpose(3, 2, 0, 1)),
+        None if b is None else to_t(b),
+        groups=g,
+        **geom,
+    )
     return y.numpy().transpose(0, 2, 3, 1)
 
 
@@ -47,8 +60,11 @@ def torch_grads(dy, x, w, g, geom):
     tw = to_t(w.transpose(3, 2, 0, 1)).requires_grad_()
     tb = torch.zeros(w.shape[3], dtype=tx.dtype, requires_grad=True)
     F.conv2d(tx, tw, tb, groups=g, **geom).backward(to_t(dy.transpose(0, 3, 1, 2)))
-    return (tx.grad.numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0),
-            tb.grad.numpy())
+    return (
+        tx.grad.numpy().transpose(0, 2, 3, 1),
+        tw.grad.numpy().transpose(2, 3, 1, 0),
+        tb.grad.numpy(),
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -84,7 +100,10 @@ def test_grouped_backward(method, dtype, data):
 def grouped_interleaved(x, w, b=None, *, groups, **geom):
     """A subtly wrong grouped convolution: group k reads channels k, k+g, k+2g, ..."""
     c, m = w.shape[2], w.shape[3] // groups
-    parts = [conv2d(x[..., k::groups], w[..., k * m:(k + 1) * m], **geom) for k in range(groups)]
+    parts = [
+        conv2d(x[..., k::groups], w[..., k * m : (k + 1) * m], **geom)
+        for k in range(groups)
+    ]
     y = np.concatenate(parts, axis=3)
     return y if b is None else y + b
 
@@ -94,20 +113,29 @@ def test_the_property_catches_interleaved_groups():
     @given(data=st.data())
     def prop(data):
         x, w, b, g, geom = data.draw(grouped_cases())
-        assert_close(grouped_interleaved(x, w, b, groups=g, **geom),
-                     torch_forward(x, w, b, g, geom), np.float64)
+        assert_close(
+            grouped_interleaved(x, w, b, groups=g, **geom),
+            torch_forward(x, w, b, g, geom),
+            np.float64,
+        )
 
     with pytest.raises(AssertionError):
         prop()
 
 
-@pytest.mark.parametrize("kw,word", [
-    (dict(groups=0), "groups must be an int >= 1"),
-    (dict(groups=2.0), "groups must be an int"),
-    (dict(groups=True), "groups must be an int"),
-    (dict(groups=4), "channel mismatch for groups=4"),
-    (dict(groups=3, w_in=2, c_out=4), "channel mismatch for groups=3"),  # C_out not a multiple
-])
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        (dict(groups=0), "groups must be an int >= 1"),
+        (dict(groups=2.0), "groups must be an int"),
+        (dict(groups=True), "groups must be an int"),
+        (dict(groups=4), "channel mismatch for groups=4"),
+        (
+            dict(groups=3, w_in=2, c_out=4),
+            "channel mismatch for groups=3",
+        ),  # C_out not a multiple
+    ],
+)
 def test_bad_groups(kw, word):
     w_in, c_out = kw.pop("w_in", 3), kw.pop("c_out", 6)
     x, w = np.zeros((1, 5, 5, 6)), np.zeros((3, 3, w_in, c_out))

@@ -8,6 +8,7 @@ and 2e-5 * (1 + max |torch|) in float32. ReLU, Flatten, Dropout and the max-pool
 select or move values and must agree exactly; a max-pool gradient may add a few dy values at
 one pixel in another order than PyTorch does, so it gets the tolerance.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,28 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convbook import (hwio_to_oihw, max_pool2d, max_pool2d_backward, nchw_to_nhwc, nhwc_to_nchw,
-                      oihw_to_hwio)
-from convbook.layers import (SGD, Adam, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear,
-                             MaxPool2d, ReLU, Sequential, softmax_cross_entropy)
+from convbook import (
+    hwio_to_oihw,
+    max_pool2d,
+    max_pool2d_backward,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    oihw_to_hwio,
+)
+from convbook.layers import (
+    SGD,
+    Adam,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+    softmax_cross_entropy,
+)
 from convbook.train import Model, emnist_cnn, load_model
 from conftest import assert_close, conv_cases, pool_cases, to_t
 from test_pool import option_cases
@@ -71,7 +90,9 @@ def seeded_dropout(x, p, seed):
 def assert_caught(strategy, check, *, max_examples=100, errors=AssertionError):
     """A property that must fail: `check` over `strategy`'s examples raises `errors` for one
     of the first `max_examples` (so a deliberately wrong implementation is caught)."""
-    prop = settings(max_examples=max_examples, report_multiple_bugs=False)(given(strategy)(check))
+    prop = settings(max_examples=max_examples, report_multiple_bugs=False)(
+        given(strategy)(check)
+    )
     with pytest.raises(errors):
         prop()
 
@@ -82,9 +103,15 @@ def assert_caught(strategy, check, *, max_examples=100, errors=AssertionError):
 
 def check_conv2d(case, dtype, input_grad, cls=Conv2d):
     kh, kw, c_in, c_out = case.w.shape
-    layer = cls(c_in, c_out, (kh, kw), **case.kwargs, input_grad=input_grad, dtype=dtype)
+    layer = cls(
+        c_in, c_out, (kh, kw), **case.kwargs, input_grad=input_grad, dtype=dtype
+    )
     assert layer.params["w"].dtype == dtype and layer.params["w"].shape == case.w.shape
-    b = case.b if case.b is not None else np.random.default_rng(1).standard_normal(c_out)
+    b = (
+        case.b
+        if case.b is not None
+        else np.random.default_rng(1).standard_normal(c_out)
+    )
     layer.params["w"][...] = case.w
     layer.params["b"][...] = b
     y, dy, dx = run_layer(layer, case.x)
@@ -122,7 +149,10 @@ def test_conv2d_he_initialisation():
     layer = Conv2d(64, 96, (3, 3), rng=np.random.default_rng(0))
     w = layer.params["w"]
     assert w.dtype == np.float32 and np.all(layer.params["b"] == 0)
-    assert abs(w.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.02 and abs(w.mean()) < 0.01 * w.std()
+    assert (
+        abs(w.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.02
+        and abs(w.mean()) < 0.01 * w.std()
+    )
     lin = Linear(500, 200, rng=np.random.default_rng(0))
     assert abs(lin.params["w"].std() / np.sqrt(2 / 500) - 1) < 0.02
 
@@ -159,7 +189,9 @@ SPECIAL = np.array([np.nan, -np.nan, -0.0, 0.0, np.inf, -np.inf, 2.0, -3.0])
 
 def same_bits(a, b):
     """Equal values, NaN equal to NaN, and -0.0 told apart from +0.0."""
-    return np.array_equal(a, b, equal_nan=True) and np.array_equal(np.signbit(a), np.signbit(b))
+    return np.array_equal(a, b, equal_nan=True) and np.array_equal(
+        np.signbit(a), np.signbit(b)
+    )
 
 
 def check_relu_special(x, dy, cls=ReLU):
@@ -171,7 +203,11 @@ def check_relu_special(x, dy, cls=ReLU):
     assert same_bits(y, ty.detach().numpy()) and same_bits(dx, tx.grad.numpy())
 
 
-@given(st.sampled_from([(7,), (3, 50), (2, 5, 4, 3), (1, 1)]), DTYPES, st.integers(0, 2**32 - 1))
+@given(
+    st.sampled_from([(7,), (3, 50), (2, 5, 4, 3), (1, 1)]),
+    DTYPES,
+    st.integers(0, 2**32 - 1),
+)
 def test_relu_nan_zeros_and_infinities_bit_for_bit(shape, dtype, seed):
     """NaN propagates forward and its gradient passes, -0.0 stays -0.0, -inf gives +0, and the
     gradient is +0 where x <= 0 even for an infinite or NaN dy: as torch.relu and autograd."""
@@ -192,11 +228,19 @@ class ReLUZeroingNaN(ReLU):
 
 
 def test_property_catches_a_relu_that_zeroes_nan():
-    prop = settings(max_examples=100, report_multiple_bugs=False)(given(
-        st.sampled_from([(7,), (3, 50)]), DTYPES, st.integers(0, 2**32 - 1))(
-        lambda shape, dtype, seed: check_relu_special(
-            *(np.random.default_rng(seed + k).choice(SPECIAL, size=shape).astype(dtype) for k in range(2)),
-            cls=ReLUZeroingNaN)))
+    prop = settings(max_examples=100, report_multiple_bugs=False)(
+        given(st.sampled_from([(7,), (3, 50)]), DTYPES, st.integers(0, 2**32 - 1))(
+            lambda shape, dtype, seed: check_relu_special(
+                *(
+                    np.random.default_rng(seed + k)
+                    .choice(SPECIAL, size=shape)
+                    .astype(dtype)
+                    for k in range(2)
+                ),
+                cls=ReLUZeroingNaN,
+            )
+        )
+    )
     with pytest.raises(AssertionError):
         prop()
 
@@ -234,7 +278,9 @@ def test_max_pool_layer_equals_torch_and_chapter_5b(case):
     check_max_pool(case)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 1), (3, 1, 1), ((3, 2), 2, (1, 1)), (4, 1, 2)])
+@pytest.mark.parametrize(
+    "kernel,stride,padding", [(2, 2, 1), (3, 1, 1), ((3, 2), 2, (1, 1)), (4, 1, 2)]
+)
 def test_max_pool_layer_all_minus_inf(kernel, stride, padding):
     """Every pixel -inf: each gradient goes to the first tap inside the image, never the padding."""
     x = np.full((1, 5, 4, 2), -np.inf)
@@ -255,8 +301,11 @@ def test_max_pool_layer_overlapping_windows_add_up():
 def test_max_pool_layer_every_option_with_nan_and_inf(case):
     """Dilation, ceil mode, 1-tuples, NaN and +-inf: the layer's two paths against torch."""
     x, kernel, kw = case
-    check_max_pool((x, kernel, kw.get("stride"), kw["padding"]), dilation=kw["dilation"],
-                   ceil_mode=kw["ceil_mode"])
+    check_max_pool(
+        (x, kernel, kw.get("stride"), kw["padding"]),
+        dilation=kw["dilation"],
+        ceil_mode=kw["ceil_mode"],
+    )
 
 
 @st.composite
@@ -284,22 +333,45 @@ class MaxPool2dColumnsFirst(MaxPool2d):
     """Wrong on ties: the 2x2 path compares the pairs of rows first, then of columns."""
 
     def forward(self, x):
-        return super().forward(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+        return (
+            super()
+            .forward(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+            .transpose(0, 2, 1, 3)
+        )
 
     def backward(self, dy):
-        return super().backward(np.ascontiguousarray(dy.transpose(0, 2, 1, 3))).transpose(0, 2, 1, 3)
+        return (
+            super()
+            .backward(np.ascontiguousarray(dy.transpose(0, 2, 1, 3)))
+            .transpose(0, 2, 1, 3)
+        )
 
 
 def test_property_catches_a_fast_path_with_the_wrong_tie_order():
-    assert_caught(two_by_two_cases(), lambda case: check_max_pool((case[0], 2, None, 0), cls=MaxPool2dColumnsFirst),
-                  max_examples=200)
+    assert_caught(
+        two_by_two_cases(),
+        lambda case: check_max_pool((case[0], 2, None, 0), cls=MaxPool2dColumnsFirst),
+        max_examples=200,
+    )
 
 
 @pytest.mark.parametrize("kernel", [2, 3])
-@pytest.mark.parametrize("x_dtype,dy_dtype", [(np.float64, np.float32), (np.float32, np.float64),
-                                               (np.int16, np.float32), (np.float32, np.float32)])
+@pytest.mark.parametrize(
+    "x_dtype,dy_dtype",
+    [
+        (np.float64, np.float32),
+        (np.float32, np.float64),
+        (np.int16, np.float32),
+        (np.float32, np.float32),
+    ],
+)
 def test_max_pool_layer_gradient_dtype_is_chapter_5bs(kernel, x_dtype, dy_dtype):
-    x = np.random.default_rng(0).permutation(2 * 6 * 6 * 3).reshape(2, 6, 6, 3).astype(x_dtype)
+    x = (
+        np.random.default_rng(0)
+        .permutation(2 * 6 * 6 * 3)
+        .reshape(2, 6, 6, 3)
+        .astype(x_dtype)
+    )
     layer = MaxPool2d(kernel)
     dy = np.ones(layer.forward(x).shape, dy_dtype)
     dx, ref = layer.backward(dy), max_pool2d_backward(dy, x, kernel)
@@ -321,7 +393,9 @@ def test_flatten_is_nhwc_order(shape):
         y_ref, dx_ref = autograd(flat, nhwc_to_nchw(x), dy)
         assert np.array_equal(y, y_ref) and np.array_equal(dx, nchw_to_nhwc(dx_ref))
         nchw_flat = torch.flatten(to_t(nhwc_to_nchw(x)), 1).numpy()
-        assert np.array_equal(y, nchw_flat) == (shape[3] == 1 or shape[1] * shape[2] == 1)
+        assert np.array_equal(y, nchw_flat) == (
+            shape[3] == 1 or shape[1] * shape[2] == 1
+        )
     assert np.array_equal(dx, dy.reshape(shape))
 
 
@@ -335,7 +409,9 @@ def check_linear(n, n_in, n_out, dtype, seed, cls=Linear):
     layer.params["b"][...] = rng.standard_normal(n_out)
     x = rng.standard_normal((n, n_in)).astype(dtype)
     y, dy, dx = run_layer(layer, x, seed)
-    tx, tw, tb = (to_t(a).requires_grad_() for a in (x, layer.params["w"].T, layer.params["b"]))
+    tx, tw, tb = (
+        to_t(a).requires_grad_() for a in (x, layer.params["w"].T, layer.params["b"])
+    )
     ty = F.linear(tx, tw, tb)  # PyTorch's weight is (out, in): the transpose of ours
     ty.backward(to_t(dy))
     assert y.dtype == dtype
@@ -345,7 +421,13 @@ def check_linear(n, n_in, n_out, dtype, seed, cls=Linear):
     assert_close(layer.grads["b"], tb.grad.numpy(), dtype)
 
 
-@given(st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 8),
+    st.integers(1, 40),
+    st.integers(1, 20),
+    DTYPES,
+    st.integers(0, 2**32 - 1),
+)
 def test_linear_equals_torch(n, n_in, n_out, dtype, seed):
     check_linear(n, n_in, n_out, dtype, seed)
 
@@ -358,8 +440,12 @@ def test_linear_large_fan_in_float32():
 # Dropout
 
 
-@given(st.sampled_from([(16, 30), (2, 5, 4, 3), (1, 1)]), st.sampled_from([0.1, 0.25, 0.5, 0.9]), DTYPES,
-       st.integers(0, 1000))
+@given(
+    st.sampled_from([(16, 30), (2, 5, 4, 3), (1, 1)]),
+    st.sampled_from([0.1, 0.25, 0.5, 0.9]),
+    DTYPES,
+    st.integers(0, 1000),
+)
 def test_dropout_equals_torch_with_the_same_mask(shape, p, dtype, seed):
     x = np.random.default_rng(seed).standard_normal(shape).astype(dtype) + 3  # no zeros
     keep = seeded_dropout(to_t(np.ones(shape, dtype)), p, seed).numpy() != 0
@@ -377,7 +463,10 @@ def test_dropout_statistics_and_eval_mode(p):
     layer = Dropout(p, rng=np.random.default_rng(1))
     y = layer.forward(x)
     sd = np.sqrt(p * (1 - p) / x.size)
-    assert abs(np.mean(y == 0) - p) <= 5 * sd and abs(y.mean() - 1) <= 5 * sd / (1 - p) + 1e-6
+    assert (
+        abs(np.mean(y == 0) - p) <= 5 * sd
+        and abs(y.mean() - 1) <= 5 * sd / (1 - p) + 1e-6
+    )
     assert y.dtype == np.float32
     layer.training = False
     assert layer.forward(x) is x and layer.backward(x) is x
@@ -393,19 +482,28 @@ def test_dropout_rejects_bad_p(p):
 # Softmax cross-entropy
 
 
-@given(st.integers(1, 20), st.integers(2, 50), st.sampled_from([1.0, 30.0, 1e4]), DTYPES,
-       st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 20),
+    st.integers(2, 50),
+    st.sampled_from([1.0, 30.0, 1e4]),
+    DTYPES,
+    st.integers(0, 2**32 - 1),
+)
 def test_softmax_cross_entropy_equals_torch(n, k, scale, dtype, seed):
     rng = np.random.default_rng(seed)
     logits = (scale * rng.standard_normal((n, k))).astype(dtype)
     labels = rng.integers(0, k, size=n)
-    with np.errstate(over="raise", invalid="raise", divide="raise"):  # no overflow, no NaN
+    with np.errstate(
+        over="raise", invalid="raise", divide="raise"
+    ):  # no overflow, no NaN
         loss, grad = softmax_cross_entropy(logits, labels)
     tz = to_t(logits).requires_grad_()
     ref = F.cross_entropy(tz, torch.from_numpy(labels))
     ref.backward()
     assert isinstance(loss, float) and np.isfinite(loss) and grad.dtype == dtype
-    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (1 + abs(ref.item()))
+    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (
+        1 + abs(ref.item())
+    )
     assert_close(grad, tz.grad.numpy(), dtype)
 
 
@@ -428,16 +526,31 @@ def test_softmax_cross_entropy_extreme_logits():
 def optimizer_runs(draw):
     dtype = draw(DTYPES)
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    params = {"w": rng.standard_normal((3, 4)).astype(dtype), "b": rng.standard_normal(5).astype(dtype)}
+    params = {
+        "w": rng.standard_normal((3, 4)).astype(dtype),
+        "b": rng.standard_normal(5).astype(dtype),
+    }
     steps = draw(st.integers(1, 15))
-    grads = [{k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2)).astype(dtype)
-              for k, v in params.items()} for _ in range(steps)]
+    grads = [
+        {
+            k: (rng.standard_normal(v.shape) * 10.0 ** rng.integers(-3, 2)).astype(
+                dtype
+            )
+            for k, v in params.items()
+        }
+        for _ in range(steps)
+    ]
     if draw(st.booleans()):
-        kw = {"lr": draw(st.sampled_from([1e-3, 0.01, 0.1])), "momentum": draw(st.sampled_from([0.0, 0.5, 0.9]))}
+        kw = {
+            "lr": draw(st.sampled_from([1e-3, 0.01, 0.1])),
+            "momentum": draw(st.sampled_from([0.0, 0.5, 0.9])),
+        }
         return SGD, torch.optim.SGD, kw, params, grads
-    kw = {"lr": draw(st.sampled_from([1e-3, 0.01, 0.1])),
-          "betas": draw(st.sampled_from([(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)])),
-          "eps": draw(st.sampled_from([1e-8, 1e-6]))}
+    kw = {
+        "lr": draw(st.sampled_from([1e-3, 0.01, 0.1])),
+        "betas": draw(st.sampled_from([(0.9, 0.999), (0.8, 0.99), (0.5, 0.9)])),
+        "eps": draw(st.sampled_from([1e-8, 1e-6])),
+    }
     return Adam, torch.optim.Adam, kw, params, grads
 
 
@@ -456,7 +569,10 @@ def check_optimizer(run, ours_cls=None):
         for k, p in ours.items():
             ref = theirs[k].detach().numpy()
             assert p.dtype == dtype
-            assert np.abs(p - ref).max() <= tol * (1 + np.abs(ref).max()), (cls.__name__, k)
+            assert np.abs(p - ref).max() <= tol * (1 + np.abs(ref).max()), (
+                cls.__name__,
+                k,
+            )
 
 
 @given(optimizer_runs())
@@ -472,7 +588,9 @@ def test_optimizer_updates_the_network_in_place():
     net.forward(np.ones((2, 4), np.float32))
     net.backward(np.ones((2, 3), np.float32))
     opt.step(net.gradients())
-    assert net.layers[0].params["w"] is w and np.all(np.abs(w - before) > 0.09)  # first step: lr * sign
+    assert net.layers[0].params["w"] is w and np.all(
+        np.abs(w - before) > 0.09
+    )  # first step: lr * sign
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,10 +600,18 @@ def test_optimizer_updates_the_network_in_place():
 def small_net(dtype, seed=0, p=0.3):
     g = np.random.default_rng(seed)
     return Sequential(
-        Conv2d(1, 4, 3, padding=1, input_grad=False, rng=g, dtype=dtype), ReLU(),
+        Conv2d(1, 4, 3, padding=1, input_grad=False, rng=g, dtype=dtype),
+        ReLU(),
         MaxPool2d(3, stride=2, padding=1),
-        Conv2d(4, 6, 3, stride=2, padding=1, rng=g, dtype=dtype), ReLU(), MaxPool2d(2),
-        Flatten(), Linear(24, 16, rng=g, dtype=dtype), ReLU(), Dropout(p), Linear(16, 5, rng=g, dtype=dtype))
+        Conv2d(4, 6, 3, stride=2, padding=1, rng=g, dtype=dtype),
+        ReLU(),
+        MaxPool2d(2),
+        Flatten(),
+        Linear(24, 16, rng=g, dtype=dtype),
+        ReLU(),
+        Dropout(p),
+        Linear(16, 5, rng=g, dtype=dtype),
+    )
 
 
 class TorchDropout(torch.nn.Module):
@@ -513,19 +639,34 @@ def torch_twin(net, x, seed=0):
             with torch.no_grad():
                 m.weight.copy_(to_t(hwio_to_oihw(layer.params["w"])))
                 m.bias.copy_(to_t(layer.params["b"]))
-            back = lambda m: {"w": oihw_to_hwio(m.weight.grad.numpy()), "b": m.bias.grad.numpy()}
+            back = lambda m: {
+                "w": oihw_to_hwio(m.weight.grad.numpy()),
+                "b": m.bias.grad.numpy(),
+            }
         elif name == "Linear":
             w = layer.params["w"]
             m = torch.nn.Linear(*w.shape, dtype=dt)
             if hwc is None:
-                w_t, back = w.T, lambda m: {"w": m.weight.grad.numpy().T, "b": m.bias.grad.numpy()}
+                w_t, back = (
+                    w.T,
+                    lambda m: {"w": m.weight.grad.numpy().T, "b": m.bias.grad.numpy()},
+                )
             else:
                 hh, ww, cc = hwc
-                w_t = w.reshape(hh, ww, cc, -1).transpose(3, 2, 0, 1).reshape(-1, hh * ww * cc)
+                w_t = (
+                    w.reshape(hh, ww, cc, -1)
+                    .transpose(3, 2, 0, 1)
+                    .reshape(-1, hh * ww * cc)
+                )
 
                 def back(m, hh=hh, ww=ww, cc=cc):
-                    g = m.weight.grad.numpy().reshape(-1, cc, hh, ww).transpose(2, 3, 1, 0)
+                    g = (
+                        m.weight.grad.numpy()
+                        .reshape(-1, cc, hh, ww)
+                        .transpose(2, 3, 1, 0)
+                    )
                     return {"w": g.reshape(hh * ww * cc, -1), "b": m.bias.grad.numpy()}
+
                 hwc = None
             with torch.no_grad():
                 m.weight.copy_(to_t(w_t))
@@ -535,10 +676,18 @@ def torch_twin(net, x, seed=0):
         elif name == "ReLU":
             m = torch.nn.ReLU()
         elif name == "MaxPool2d":
-            m = torch.nn.MaxPool2d(layer.kernel, layer.stride, layer.padding, layer.dilation,
-                                   ceil_mode=layer.ceil_mode)
+            m = torch.nn.MaxPool2d(
+                layer.kernel,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
+                ceil_mode=layer.ceil_mode,
+            )
         elif name == "Dropout":
-            keep = seeded_dropout(torch.ones(h.shape, dtype=dt), layer.p, seed).numpy() != 0
+            keep = (
+                seeded_dropout(torch.ones(h.shape, dtype=dt), layer.p, seed).numpy()
+                != 0
+            )
             layer.rng, m = ReplayMask(keep), TorchDropout(layer.p, seed)
         else:
             raise TypeError(name)
@@ -555,9 +704,16 @@ def check_network(net, x, labels):
     ours = net.gradients()
     t_loss = F.cross_entropy(twin(to_t(nhwc_to_nchw(x))), torch.from_numpy(labels))
     t_loss.backward()
-    theirs = {f"{i}.{k}": v for i, (m, back) in enumerate(zip(twin, to_ours)) for k, v in back(m).items()}
+    theirs = {
+        f"{i}.{k}": v
+        for i, (m, back) in enumerate(zip(twin, to_ours))
+        for k, v in back(m).items()
+    }
     assert sorted(ours) == sorted(theirs) == sorted(net.parameters())
-    assert abs(loss - t_loss.item()) <= (1e-10 if x.dtype == np.float64 else 2e-5) * t_loss.item()
+    assert (
+        abs(loss - t_loss.item())
+        <= (1e-10 if x.dtype == np.float64 else 2e-5) * t_loss.item()
+    )
     for k in ours:
         assert ours[k].dtype == x.dtype
         assert_close(ours[k], theirs[k], x.dtype)
@@ -571,20 +727,30 @@ def test_small_network_gradients_equal_torch(dtype, seed):
     for layer in net.layers:
         if "b" in layer.params:
             layer.params["b"][...] = 0.1 * rng.standard_normal(layer.params["b"].shape)
-    check_network(net, rng.standard_normal((6, 16, 16, 1)).astype(dtype), rng.integers(0, 5, size=6))
+    check_network(
+        net,
+        rng.standard_normal((6, 16, 16, 1)).astype(dtype),
+        rng.integers(0, 5, size=6),
+    )
 
 
 def test_emnist_cnn_gradients_equal_torch():
     rng = np.random.default_rng(0)
     net = emnist_cnn(47, seed=0)
-    check_network(net, rng.standard_normal((16, 28, 28, 1)).astype(np.float32), rng.integers(0, 47, size=16))
+    check_network(
+        net,
+        rng.standard_normal((16, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, 47, size=16),
+    )
 
 
 def test_network_finite_differences():
     """Independent of torch: central differences (h = 1e-6, float64) at a few parameter entries."""
     rng = np.random.default_rng(3)
     net = small_net(np.float64, seed=3)
-    net.layers[9].rng = ReplayMask(rng.random((6, 16)) >= 0.3)  # the same mask at every evaluation
+    net.layers[9].rng = ReplayMask(
+        rng.random((6, 16)) >= 0.3
+    )  # the same mask at every evaluation
     x, labels = rng.standard_normal((6, 16, 16, 1)), rng.integers(0, 5, size=6)
     _, dlogits = softmax_cross_entropy(net.forward(x), labels)
     net.backward(dlogits)
@@ -598,12 +764,24 @@ def test_network_finite_differences():
             p[k] = old - 1e-6
             lm = softmax_cross_entropy(net.forward(x), labels)[0]
             p[k] = old
-            assert abs((lp - lm) / 2e-6 - grads[name][k]) <= 1e-7 * np.abs(grads[name]).max(), (name, k)
+            assert (
+                abs((lp - lm) / 2e-6 - grads[name][k])
+                <= 1e-7 * np.abs(grads[name]).max()
+            ), (name, k)
 
 
 def test_sequential_train_eval_and_parameter_names():
     net = small_net(np.float32)
-    assert list(net.parameters()) == ["0.w", "0.b", "3.w", "3.b", "7.w", "7.b", "10.w", "10.b"]
+    assert list(net.parameters()) == [
+        "0.w",
+        "0.b",
+        "3.w",
+        "3.b",
+        "7.w",
+        "7.b",
+        "10.w",
+        "10.b",
+    ]
     assert net.parameters()["7.w"] is net.layers[7].params["w"]
     x = np.ones((2, 16, 16, 1), np.float32)
     assert net.eval() is net and not any(layer.training for layer in net.layers)
@@ -619,15 +797,24 @@ def test_sequential_train_eval_and_parameter_names():
 def test_model_save_load_round_trip(tmp_path):
     net = emnist_cnn(47, seed=5)
     model = Model(net, 0.17, 0.33, {k: chr(65 + k % 26) for k in range(47)})
-    images = np.random.default_rng(0).integers(0, 256, size=(20, 28, 28), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(
+        0, 256, size=(20, 28, 28), dtype=np.uint8
+    )
     path = model.save(tmp_path / "model")  # no suffix: np.savez appends .npz
     assert path == tmp_path / "model.npz" and path.exists()
     loaded = load_model(path)
     assert np.array_equal(loaded.predict(images), model.predict(images))
     assert np.array_equal(loaded.logits(images), model.logits(images))
-    assert (loaded.mean, loaded.std, loaded.mapping) == (model.mean, model.std, model.mapping)
+    assert (loaded.mean, loaded.std, loaded.mapping) == (
+        model.mean,
+        model.std,
+        model.mapping,
+    )
     for k, v in net.parameters().items():
-        assert np.array_equal(loaded.net.parameters()[k], v) and loaded.net.parameters()[k].dtype == v.dtype
+        assert (
+            np.array_equal(loaded.net.parameters()[k], v)
+            and loaded.net.parameters()[k].dtype == v.dtype
+        )
     assert [l.config() for l in loaded.net.layers] == [l.config() for l in net.layers]
 
 
@@ -635,10 +822,25 @@ def test_model_round_trip_with_pairs_and_explicit_padding(tmp_path):
     """Layer configs with tuples, explicit ((top, bottom), (left, right)) padding, 'same', None."""
     g = np.random.default_rng(0)
     net = Sequential(
-        Conv2d(1, 3, (3, 5), stride=(1, 2), padding=((1, 1), (2, 2)), input_grad=False, rng=g), ReLU(),
-        Conv2d(3, 4, 3, padding="same", dilation=(1, 2), rng=g), ReLU(),
-        MaxPool2d((2, 3), stride=(2, 1), padding=(1, 1)), MaxPool2d(2),
-        Flatten(), Linear(7 * 7 * 4, 10, rng=g), Dropout(0.1), Linear(10, 3, rng=g))
+        Conv2d(
+            1,
+            3,
+            (3, 5),
+            stride=(1, 2),
+            padding=((1, 1), (2, 2)),
+            input_grad=False,
+            rng=g,
+        ),
+        ReLU(),
+        Conv2d(3, 4, 3, padding="same", dilation=(1, 2), rng=g),
+        ReLU(),
+        MaxPool2d((2, 3), stride=(2, 1), padding=(1, 1)),
+        MaxPool2d(2),
+        Flatten(),
+        Linear(7 * 7 * 4, 10, rng=g),
+        Dropout(0.1),
+        Linear(10, 3, rng=g),
+    )
     model = Model(net, 0.5, 0.25, {0: "a", 1: "b", 2: "c"})
     images = g.integers(0, 256, size=(7, 28, 28), dtype=np.uint8)
     loaded = load_model(model.save(tmp_path / "m.npz"))
@@ -697,9 +899,18 @@ def test_property_catches_relu_passing_gradient_at_zero():
 
 
 def test_property_catches_linear_without_transpose():
-    shapes = st.tuples(st.integers(1, 8), st.integers(1, 40), st.integers(1, 20), DTYPES, st.integers(0, 2**32 - 1))
-    assert_caught(shapes, lambda args: check_linear(*args, cls=LinearWithoutTranspose),
-                  errors=(AssertionError, ValueError))
+    shapes = st.tuples(
+        st.integers(1, 8),
+        st.integers(1, 40),
+        st.integers(1, 20),
+        DTYPES,
+        st.integers(0, 2**32 - 1),
+    )
+    assert_caught(
+        shapes,
+        lambda args: check_linear(*args, cls=LinearWithoutTranspose),
+        errors=(AssertionError, ValueError),
+    )
 
 
 def test_linear_without_transpose_is_caught_on_square_layers():
@@ -709,8 +920,12 @@ def test_linear_without_transpose_is_caught_on_square_layers():
 
 
 def test_property_catches_adam_without_bias_correction():
-    assert_caught(optimizer_runs(),
-                  lambda run: check_optimizer(run, ours_cls=AdamWithoutBiasCorrection if run[0] is Adam else None))
+    assert_caught(
+        optimizer_runs(),
+        lambda run: check_optimizer(
+            run, ours_cls=AdamWithoutBiasCorrection if run[0] is Adam else None
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,44 +941,51 @@ def test_relu_of_minus_inf_is_zero():
 # Arguments checked when a layer is built; configs that JSON can store
 
 
-@pytest.mark.parametrize("make,error,words", [
-    (lambda: Conv2d(0, 4, 3), ValueError, "c_in must be >= 1"),
-    (lambda: Conv2d(1, 0, 3), ValueError, "c_out must be >= 1"),
-    (lambda: Conv2d(1.5, 4, 3), TypeError, "c_in must be an int"),
-    (lambda: Conv2d(1, 4, 0), ValueError, "kernel"),
-    (lambda: Conv2d(1, 4, 3, stride=0), ValueError, "stride"),
-    (lambda: Conv2d(1, 4, 3, dilation=(1, 0)), ValueError, "dilation"),
-    (lambda: Conv2d(1, 4, 3, padding=-1), ValueError, "padding"),
-    (lambda: Conv2d(1, 4, 3, padding="full"), ValueError, "padding"),
-    (lambda: Conv2d(1, 4, 3, stride=2, padding="same"), ValueError, "same"),
-    (lambda: Conv2d(1, 4, 3, dtype=np.int64), TypeError, "dtype"),
-    (lambda: Conv2d(1, 4, 3, input_grad=None), TypeError, "input_grad"),
-    (lambda: Conv2d(1, 4, 3, rng=7), TypeError, "rng"),
-    (lambda: Linear(0, 3), ValueError, "n_in must be >= 1"),
-    (lambda: Linear(3, 0), ValueError, "n_out must be >= 1"),
-    (lambda: Linear(3, True), TypeError, "n_out"),
-    (lambda: Linear(3, 2, dtype="int8"), TypeError, "dtype"),
-    (lambda: MaxPool2d(0), ValueError, "kernel"),
-    (lambda: MaxPool2d(2, padding=2), ValueError, "padding must be at most half"),
-    (lambda: MaxPool2d(2, stride=(1, 1, 1)), ValueError, "stride"),
-    (lambda: MaxPool2d(2, dilation=0), ValueError, "dilation"),
-    (lambda: MaxPool2d(2, ceil_mode="yes"), TypeError, "ceil_mode"),
-    (lambda: Dropout("0.5"), TypeError, "p must be a number"),
-    (lambda: Dropout(1), ValueError, "p must be in"),
-    (lambda: Dropout(0.5, rng="seed"), TypeError, "rng"),
-    (lambda: BatchNorm2d(0), ValueError, "channels must be >= 1"),
-    (lambda: BatchNorm2d(2.0), TypeError, "channels must be an int"),
-    (lambda: BatchNorm2d(4, eps=0), ValueError, "eps must be > 0"),
-    (lambda: BatchNorm2d(4, eps="1e-5"), TypeError, "eps must be a number"),
-    (lambda: BatchNorm2d(4, momentum=1.01), ValueError, r"momentum must be in \[0, 1\]"),
-    (lambda: BatchNorm1d(4, momentum=-0.1), ValueError, "momentum must be >= 0"),
-    (lambda: BatchNorm1d(4, dtype=np.int32), TypeError, "dtype"),
-    (lambda: Sequential(ReLU(), np.tanh), TypeError, "layer 1 must be a Layer"),
-    (lambda: SGD({}, lr=-1), ValueError, "lr"),
-    (lambda: SGD({}, momentum="0.9"), TypeError, "momentum"),
-    (lambda: Adam({}, betas=(0.9, 1.0)), ValueError, "betas"),
-    (lambda: Adam({}, eps=-1e-8), ValueError, "eps"),
-])
+@pytest.mark.parametrize(
+    "make,error,words",
+    [
+        (lambda: Conv2d(0, 4, 3), ValueError, "c_in must be >= 1"),
+        (lambda: Conv2d(1, 0, 3), ValueError, "c_out must be >= 1"),
+        (lambda: Conv2d(1.5, 4, 3), TypeError, "c_in must be an int"),
+        (lambda: Conv2d(1, 4, 0), ValueError, "kernel"),
+        (lambda: Conv2d(1, 4, 3, stride=0), ValueError, "stride"),
+        (lambda: Conv2d(1, 4, 3, dilation=(1, 0)), ValueError, "dilation"),
+        (lambda: Conv2d(1, 4, 3, padding=-1), ValueError, "padding"),
+        (lambda: Conv2d(1, 4, 3, padding="full"), ValueError, "padding"),
+        (lambda: Conv2d(1, 4, 3, stride=2, padding="same"), ValueError, "same"),
+        (lambda: Conv2d(1, 4, 3, dtype=np.int64), TypeError, "dtype"),
+        (lambda: Conv2d(1, 4, 3, input_grad=None), TypeError, "input_grad"),
+        (lambda: Conv2d(1, 4, 3, rng=7), TypeError, "rng"),
+        (lambda: Linear(0, 3), ValueError, "n_in must be >= 1"),
+        (lambda: Linear(3, 0), ValueError, "n_out must be >= 1"),
+        (lambda: Linear(3, True), TypeError, "n_out"),
+        (lambda: Linear(3, 2, dtype="int8"), TypeError, "dtype"),
+        (lambda: MaxPool2d(0), ValueError, "kernel"),
+        (lambda: MaxPool2d(2, padding=2), ValueError, "padding must be at most half"),
+        (lambda: MaxPool2d(2, stride=(1, 1, 1)), ValueError, "stride"),
+        (lambda: MaxPool2d(2, dilation=0), ValueError, "dilation"),
+        (lambda: MaxPool2d(2, ceil_mode="yes"), TypeError, "ceil_mode"),
+        (lambda: Dropout("0.5"), TypeError, "p must be a number"),
+        (lambda: Dropout(1), ValueError, "p must be in"),
+        (lambda: Dropout(0.5, rng="seed"), TypeError, "rng"),
+        (lambda: BatchNorm2d(0), ValueError, "channels must be >= 1"),
+        (lambda: BatchNorm2d(2.0), TypeError, "channels must be an int"),
+        (lambda: BatchNorm2d(4, eps=0), ValueError, "eps must be > 0"),
+        (lambda: BatchNorm2d(4, eps="1e-5"), TypeError, "eps must be a number"),
+        (
+            lambda: BatchNorm2d(4, momentum=1.01),
+            ValueError,
+            r"momentum must be in \[0, 1\]",
+        ),
+        (lambda: BatchNorm1d(4, momentum=-0.1), ValueError, "momentum must be >= 0"),
+        (lambda: BatchNorm1d(4, dtype=np.int32), TypeError, "dtype"),
+        (lambda: Sequential(ReLU(), np.tanh), TypeError, "layer 1 must be a Layer"),
+        (lambda: SGD({}, lr=-1), ValueError, "lr"),
+        (lambda: SGD({}, momentum="0.9"), TypeError, "momentum"),
+        (lambda: Adam({}, betas=(0.9, 1.0)), ValueError, "betas"),
+        (lambda: Adam({}, eps=-1e-8), ValueError, "eps"),
+    ],
+)
 def test_bad_arguments_raise_when_the_layer_is_built(make, error, words):
     """Before: Conv2d(0, ...) and Linear(0, ...) raised ZeroDivisionError, MaxPool2d's and
     Conv2d's geometry was only checked at the first forward pass."""
@@ -782,10 +1004,22 @@ def test_configs_are_plain_json_with_numpy_integers(tmp_path):
     i = np.int64
     g = np.random.default_rng(0)
     net = Sequential(
-        Conv2d(i(1), i(4), (i(3), i(3)), stride=i(1), padding=(i(1), i(1)), dilation=i(1),
-               input_grad=np.bool_(False), rng=g), ReLU(),
-        MaxPool2d(i(2), stride=(i(2),), padding=i(0)), Flatten(),
-        Linear(i(14 * 14 * 4), np.int32(5), rng=g), Dropout(np.float32(0.25)))
+        Conv2d(
+            i(1),
+            i(4),
+            (i(3), i(3)),
+            stride=i(1),
+            padding=(i(1), i(1)),
+            dilation=i(1),
+            input_grad=np.bool_(False),
+            rng=g,
+        ),
+        ReLU(),
+        MaxPool2d(i(2), stride=(i(2),), padding=i(0)),
+        Flatten(),
+        Linear(i(14 * 14 * 4), np.int32(5), rng=g),
+        Dropout(np.float32(0.25)),
+    )
     configs = [layer.config() for layer in net.layers]
     text = json.dumps(configs)
     assert json.loads(text) == configs
@@ -803,7 +1037,9 @@ def test_configs_are_plain_json_with_numpy_integers(tmp_path):
 
 
 def test_softmax_cross_entropy_nan_and_inf_like_torch():
-    z = np.array([[1.0, 2.0, 3.0], [np.nan, 0.0, 1.0], [np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0]])
+    z = np.array(
+        [[1.0, 2.0, 3.0], [np.nan, 0.0, 1.0], [np.inf, 0.0, 1.0], [-np.inf, 0.0, 1.0]]
+    )
     labels = np.array([0, 1, 2, 1])
     for rows in ([0], [1], [2], [3], [0, 3], [0, 1, 2, 3]):
         with np.errstate(invalid="ignore"):
@@ -811,7 +1047,9 @@ def test_softmax_cross_entropy_nan_and_inf_like_torch():
         tz = to_t(z[rows]).requires_grad_()
         ref = F.cross_entropy(tz, torch.from_numpy(labels[rows]))
         ref.backward()
-        assert (np.isnan(loss) and np.isnan(ref.item())) or abs(loss - ref.item()) < 1e-12, rows
+        assert (np.isnan(loss) and np.isnan(ref.item())) or abs(
+            loss - ref.item()
+        ) < 1e-12, rows
         assert np.array_equal(np.isnan(grad), np.isnan(tz.grad.numpy())), rows
         assert_close(np.nan_to_num(grad), np.nan_to_num(tz.grad.numpy()), np.float64)
 
@@ -824,7 +1062,9 @@ def test_dropout_with_nan_and_inf_like_torch():
     with np.errstate(invalid="ignore"):
         y, dx = layer.forward(x), layer.backward(dy)
     y_ref, dx_ref = autograd(lambda tx: seeded_dropout(tx, 0.5, 3), x, dy)
-    assert np.array_equal(y, y_ref, equal_nan=True) and np.array_equal(dx, dx_ref, equal_nan=True)
+    assert np.array_equal(y, y_ref, equal_nan=True) and np.array_equal(
+        dx, dx_ref, equal_nan=True
+    )
 
 
 def test_sgd_without_momentum_keeps_no_velocity():
@@ -832,7 +1072,10 @@ def test_sgd_without_momentum_keeps_no_velocity():
     into NaN at the next step (0 * inf)."""
     ours = {"w": np.zeros(3)}
     theirs = to_t(np.zeros(3)).requires_grad_()
-    opt, topt = SGD(ours, lr=0.1, momentum=0.0), torch.optim.SGD([theirs], lr=0.1, momentum=0.0)
+    opt, topt = (
+        SGD(ours, lr=0.1, momentum=0.0),
+        torch.optim.SGD([theirs], lr=0.1, momentum=0.0),
+    )
     for g in (np.array([np.inf, 1.0, 2.0]), np.array([1.0, 1.0, 1.0])):
         opt.step({"w": g})
         theirs.grad = to_t(g)
@@ -844,6 +1087,7 @@ def test_optimizer_steps_allocate_no_parameter_sized_arrays():
     """In place: the parameters and the optimizers' own arrays are the same objects after a
     step, and tracemalloc sees no allocation of the size of a parameter."""
     import tracemalloc
+
     params = {"w": np.zeros((512, 512), np.float32)}
     grads = {"w": np.ones((512, 512), np.float32)}
     for opt in (SGD(params, lr=0.1), Adam(params)):
@@ -874,9 +1118,14 @@ def test_softmax_cross_entropy_rejects_negative_labels():
 
 def test_save_load_keeps_float64(tmp_path):
     from convbook.train import Model, load_model
+
     g = np.random.default_rng(3)
-    net = Sequential(Conv2d(1, 2, 3, padding=1, rng=g, dtype=np.float64), ReLU(), Flatten(),
-                     Linear(28 * 28 * 2, 3, rng=g, dtype=np.float64))
+    net = Sequential(
+        Conv2d(1, 2, 3, padding=1, rng=g, dtype=np.float64),
+        ReLU(),
+        Flatten(),
+        Linear(28 * 28 * 2, 3, rng=g, dtype=np.float64),
+    )
     model = Model(net, 0.1, 0.3, {0: "a", 1: "b", 2: "c"})
     path = model.save(tmp_path / "m.npz")
     back = load_model(path)
@@ -896,17 +1145,29 @@ def batch_norm_runs(draw):
     cls = draw(st.sampled_from([BatchNorm2d, BatchNorm1d]))
     dtype, c = draw(DTYPES), draw(st.integers(1, 6))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    kw = dict(eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])), momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])))
+    kw = dict(
+        eps=draw(st.sampled_from([1e-5, 1e-3, 0.1])),
+        momentum=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
+    )
     modes = draw(st.lists(st.sampled_from(["train", "eval"]), min_size=1, max_size=5))
     steps = []
     for mode in modes:
         if cls is BatchNorm2d:
-            shape = (draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6)), c)
+            shape = (
+                draw(st.integers(1, 4)),
+                draw(st.integers(1, 6)),
+                draw(st.integers(1, 6)),
+                c,
+            )
         else:
             shape = (draw(st.integers(1, 20)), c)
-        if mode == "train" and np.prod(shape) == c:  # one value per channel: training refuses it
+        if (
+            mode == "train" and np.prod(shape) == c
+        ):  # one value per channel: training refuses it
             shape = (2,) + shape[1:]
-        x = (rng.uniform(-3, 3, c) + rng.uniform(0.1, 3, c) * rng.standard_normal(shape)).astype(dtype)
+        x = (
+            rng.uniform(-3, 3, c) + rng.uniform(0.1, 3, c) * rng.standard_normal(shape)
+        ).astype(dtype)
         steps.append((x, rng.standard_normal(shape).astype(dtype), mode))
     gamma, beta = (rng.standard_normal(c).astype(dtype) for _ in range(2))
     return cls, dtype, kw, gamma, beta, steps
@@ -916,8 +1177,9 @@ def check_batch_norm(run, cls=None):
     layer_cls, dtype, kw, gamma, beta, steps = run
     layer = (cls or layer_cls)(len(gamma), dtype=dtype, **kw)
     layer.params["w"][...], layer.params["b"][...] = gamma, beta
-    module = (torch.nn.BatchNorm2d if layer_cls is BatchNorm2d else torch.nn.BatchNorm1d)(
-        len(gamma), **kw).to(torch_dtype(dtype))
+    module = (
+        torch.nn.BatchNorm2d if layer_cls is BatchNorm2d else torch.nn.BatchNorm1d
+    )(len(gamma), **kw).to(torch_dtype(dtype))
     with torch.no_grad():
         module.weight.copy_(to_t(gamma))
         module.bias.copy_(to_t(beta))
@@ -947,13 +1209,28 @@ def test_batch_norm_at_the_size_of_chapter_7s_network():
     """The outputs of both convolutions of emnist_cnn and of its first Linear, float32: sums of
     up to 50,176 terms per channel stay within the float32 tolerance."""
     rng = np.random.default_rng(0)
-    for cls, shape in [(BatchNorm2d, (64, 28, 28, 32)), (BatchNorm2d, (64, 14, 14, 64)),
-                       (BatchNorm1d, (64, 128))]:
+    for cls, shape in [
+        (BatchNorm2d, (64, 28, 28, 32)),
+        (BatchNorm2d, (64, 14, 14, 64)),
+        (BatchNorm1d, (64, 128)),
+    ]:
         c = shape[-1]
-        steps = [((2 + 3 * rng.standard_normal(shape)).astype(np.float32),
-                  rng.standard_normal(shape).astype(np.float32), mode) for mode in ("train", "train", "eval")]
-        run = (cls, np.float32, dict(eps=1e-5, momentum=0.1), rng.standard_normal(c).astype(np.float32),
-               rng.standard_normal(c).astype(np.float32), steps)
+        steps = [
+            (
+                (2 + 3 * rng.standard_normal(shape)).astype(np.float32),
+                rng.standard_normal(shape).astype(np.float32),
+                mode,
+            )
+            for mode in ("train", "train", "eval")
+        ]
+        run = (
+            cls,
+            np.float32,
+            dict(eps=1e-5, momentum=0.1),
+            rng.standard_normal(c).astype(np.float32),
+            rng.standard_normal(c).astype(np.float32),
+            steps,
+        )
         check_batch_norm(run)
 
 
@@ -976,13 +1253,21 @@ class BatchNorm1dBiasedRunningVar(BatchNorm1d):
 
 
 def test_property_catches_a_batch_norm_gradient_that_ignores_the_mean():
-    assert_caught(batch_norm_runs(),
-                  lambda run: check_batch_norm(run, cls=BatchNormMeanConstant if run[0] is BatchNorm2d else None))
+    assert_caught(
+        batch_norm_runs(),
+        lambda run: check_batch_norm(
+            run, cls=BatchNormMeanConstant if run[0] is BatchNorm2d else None
+        ),
+    )
 
 
 def test_property_catches_a_biased_running_variance():
-    assert_caught(batch_norm_runs(),
-                  lambda run: check_batch_norm(run, cls=BatchNorm1dBiasedRunningVar if run[0] is BatchNorm1d else None))
+    assert_caught(
+        batch_norm_runs(),
+        lambda run: check_batch_norm(
+            run, cls=BatchNorm1dBiasedRunningVar if run[0] is BatchNorm1d else None
+        ),
+    )
 
 
 def test_batch_norm_gradient_is_blind_to_shift_and_scale():
@@ -1011,27 +1296,46 @@ def test_batch_norm_nan_and_inf_like_torch():
     with np.errstate(invalid="ignore"):
         y, dx = layer.forward(x), layer.backward(dy)
     y_ref, dx_ref = autograd(module, nhwc_to_nchw(x), nhwc_to_nchw(dy))
-    for ours, ref in [(y, nchw_to_nhwc(y_ref)), (dx, nchw_to_nhwc(dx_ref)),
-                      (layer.bufs["running_mean"], module.running_mean.numpy()),
-                      (layer.bufs["running_var"], module.running_var.numpy())]:
+    for ours, ref in [
+        (y, nchw_to_nhwc(y_ref)),
+        (dx, nchw_to_nhwc(dx_ref)),
+        (layer.bufs["running_mean"], module.running_mean.numpy()),
+        (layer.bufs["running_var"], module.running_var.numpy()),
+    ]:
         assert np.array_equal(np.isnan(ours), np.isnan(ref))
         assert_close(np.nan_to_num(ours), np.nan_to_num(ref), np.float64)
     assert np.isnan(y[..., [0, 2]]).all() and not np.isnan(y[..., 1]).any()
 
 
 def test_batch_norm_refuses_one_value_per_channel_in_training_only():
-    for layer, x in [(BatchNorm2d(2), np.ones((1, 1, 1, 2), np.float32)), (BatchNorm1d(2), np.ones((1, 2), np.float32))]:
+    for layer, x in [
+        (BatchNorm2d(2), np.ones((1, 1, 1, 2), np.float32)),
+        (BatchNorm1d(2), np.ones((1, 2), np.float32)),
+    ]:
         with pytest.raises(ValueError, match="more than 1 value per channel"):
             layer.forward(x)
         layer.training = False
-        assert np.array_equal(layer.forward(x), x / np.sqrt(1 + layer.eps, dtype=np.float32))
+        assert np.array_equal(
+            layer.forward(x), x / np.sqrt(1 + layer.eps, dtype=np.float32)
+        )
 
 
-@pytest.mark.parametrize("make,x,words", [
-    (lambda: BatchNorm2d(3), np.zeros((2, 4, 4, 2), np.float32), r"\(N, H, W, C\) with C = 3"),
-    (lambda: BatchNorm2d(3), np.zeros((2, 3), np.float32), r"\(N, H, W, C\)"),
-    (lambda: BatchNorm1d(3), np.zeros((2, 1, 1, 3), np.float32), r"\(N, C\) with C = 3"),
-])
+@pytest.mark.parametrize(
+    "make,x,words",
+    [
+        (
+            lambda: BatchNorm2d(3),
+            np.zeros((2, 4, 4, 2), np.float32),
+            r"\(N, H, W, C\) with C = 3",
+        ),
+        (lambda: BatchNorm2d(3), np.zeros((2, 3), np.float32), r"\(N, H, W, C\)"),
+        (
+            lambda: BatchNorm1d(3),
+            np.zeros((2, 1, 1, 3), np.float32),
+            r"\(N, C\) with C = 3",
+        ),
+    ],
+)
 def test_batch_norm_names_a_wrong_input_shape(make, x, words):
     with pytest.raises(ValueError, match=words):
         make().forward(x)
@@ -1043,11 +1347,15 @@ def test_batch_norm_rejects_integer_input():
 
 
 def test_batch_norm_config_is_json_and_rebuilds_the_layer():
-    layer = BatchNorm2d(np.int64(5), eps=np.float64(1e-3), momentum=np.float32(0.5), dtype="float64")
+    layer = BatchNorm2d(
+        np.int64(5), eps=np.float64(1e-3), momentum=np.float32(0.5), dtype="float64"
+    )
     for _ in range(3):
         layer.forward(np.random.default_rng(3).standard_normal((4, 3, 3, 5)))
     cfg = layer.config()
-    assert json.loads(json.dumps(cfg)) == cfg and all(type(v) in (int, float, str) for v in cfg.values())
+    assert json.loads(json.dumps(cfg)) == cfg and all(
+        type(v) in (int, float, str) for v in cfg.values()
+    )
     rebuilt = BatchNorm2d(**json.loads(json.dumps(cfg)))
     for name in ("params", "bufs"):
         for k, v in getattr(layer, name).items():
@@ -1059,9 +1367,18 @@ def test_batch_norm_config_is_json_and_rebuilds_the_layer():
 
 def test_sequential_collects_buffers_and_the_optimizer_leaves_them_alone():
     g = np.random.default_rng(0)
-    net = Sequential(Conv2d(1, 2, 3, padding=1, rng=g), BatchNorm2d(2), ReLU(),
-                     Sequential(Flatten(), Linear(2 * 5 * 5, 3, rng=g), BatchNorm1d(3)))
-    assert sorted(net.buffers()) == ["1.running_mean", "1.running_var", "3.2.running_mean", "3.2.running_var"]
+    net = Sequential(
+        Conv2d(1, 2, 3, padding=1, rng=g),
+        BatchNorm2d(2),
+        ReLU(),
+        Sequential(Flatten(), Linear(2 * 5 * 5, 3, rng=g), BatchNorm1d(3)),
+    )
+    assert sorted(net.buffers()) == [
+        "1.running_mean",
+        "1.running_var",
+        "3.2.running_mean",
+        "3.2.running_var",
+    ]
     assert not set(net.buffers()) & set(net.parameters())
     opt = Adam(net.parameters(), lr=0.1)
     net.forward(g.standard_normal((4, 5, 5, 1)).astype(np.float32))
@@ -1069,14 +1386,23 @@ def test_sequential_collects_buffers_and_the_optimizer_leaves_them_alone():
     net.backward(np.ones((4, 3), np.float32))
     opt.step(net.gradients())
     assert all(np.array_equal(v, before[k]) for k, v in net.buffers().items())
-    assert net.eval().layers[1].training is False and net.layers[3].layers[2].training is False
+    assert (
+        net.eval().layers[1].training is False
+        and net.layers[3].layers[2].training is False
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Class weights in the loss
 
 
-@given(st.integers(1, 30), st.integers(2, 20), st.sampled_from([1.0, 1e4]), DTYPES, st.integers(0, 2**32 - 1))
+@given(
+    st.integers(1, 30),
+    st.integers(2, 20),
+    st.sampled_from([1.0, 1e4]),
+    DTYPES,
+    st.integers(0, 2**32 - 1),
+)
 def test_weighted_cross_entropy_equals_torch(n, k, scale, dtype, seed):
     rng = np.random.default_rng(seed)
     logits = (scale * rng.standard_normal((n, k))).astype(dtype)
@@ -1085,16 +1411,25 @@ def test_weighted_cross_entropy_equals_torch(n, k, scale, dtype, seed):
     weight[labels[0]] += 0.5  # at least one image weighs something
     loss, grad = softmax_cross_entropy(logits, labels, weight)
     tz = to_t(logits).requires_grad_()
-    ref = F.cross_entropy(tz, torch.from_numpy(labels), weight=to_t(weight.astype(dtype)))
+    ref = F.cross_entropy(
+        tz, torch.from_numpy(labels), weight=to_t(weight.astype(dtype))
+    )
     ref.backward()
     assert isinstance(loss, float) and grad.dtype == dtype
-    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (1 + abs(ref.item()))
+    assert abs(loss - ref.item()) <= (1e-10 if dtype == np.float64 else 2e-5) * (
+        1 + abs(ref.item())
+    )
     assert_close(grad, tz.grad.numpy(), dtype)
 
 
-@pytest.mark.parametrize("weight,words", [(np.ones(3), "weight must be 4 numbers"),
-                                          (np.array([1.0, -1.0, 1.0, 1.0]), "finite and >= 0"),
-                                          (np.array([1.0, np.nan, 1.0, 1.0]), "finite and >= 0")])
+@pytest.mark.parametrize(
+    "weight,words",
+    [
+        (np.ones(3), "weight must be 4 numbers"),
+        (np.array([1.0, -1.0, 1.0, 1.0]), "finite and >= 0"),
+        (np.array([1.0, np.nan, 1.0, 1.0]), "finite and >= 0"),
+    ],
+)
 def test_weighted_cross_entropy_checks_the_weights(weight, words):
     with pytest.raises(ValueError, match=words):
         softmax_cross_entropy(np.zeros((2, 4)), np.array([0, 1]), weight)

@@ -7,6 +7,7 @@ never into the kernel: a zero inserted by padding times an infinite number is Na
 that multiplies it, and libraries differ in which zeros they skip (PyTorch's own float32 and float64
 paths disagree on the weight gradient of a padded layer with an infinite `dy`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,12 +17,31 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convbook import (avg_pool2d, avg_pool2d_backward, conv2d, conv2d_backward, conv2d_backward_methods,
-                      conv2d_methods, conv_transpose2d, max_pool2d, max_pool2d_backward, nchw_to_nhwc,
-                      nhwc_to_nchw)
+from convbook import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    conv2d,
+    conv2d_backward,
+    conv2d_backward_methods,
+    conv2d_methods,
+    conv_transpose2d,
+    max_pool2d,
+    max_pool2d_backward,
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+)
 from convbook.backward import CONV2D_BACKWARD_METHODS
 from convbook.conv import CONV2D_METHODS, conv_spec
-from conftest import cases_for, require_support, assert_close, conv_cases, pool_cases, to_t, torch_conv2d, torch_conv2d_grads
+from conftest import (
+    cases_for,
+    require_support,
+    assert_close,
+    conv_cases,
+    pool_cases,
+    to_t,
+    torch_conv2d,
+    torch_conv2d_grads,
+)
 
 SPECIALS = np.array([np.nan, np.inf, -np.inf])
 
@@ -41,7 +61,8 @@ def assert_same(got: np.ndarray, ref: np.ndarray, dtype) -> None:
     nan_g, nan_r = np.isnan(got), np.isnan(ref)
     assert np.array_equal(nan_g, nan_r), (
         f"NaN at {np.argwhere(nan_g & ~nan_r)[:3].tolist()} (not in PyTorch), "
-        f"missing at {np.argwhere(nan_r & ~nan_g)[:3].tolist()}")
+        f"missing at {np.argwhere(nan_r & ~nan_g)[:3].tolist()}"
+    )
     inf_r = np.isinf(ref)
     assert np.array_equal(np.isinf(got), inf_r), "infinities differ from PyTorch's"
     assert np.array_equal(got[inf_r], ref[inf_r]), "infinities of the wrong sign"
@@ -99,10 +120,17 @@ def test_conv_transpose2d_with_nonfinite_input(case, seed):
     kh_kw = np.array(case.w.shape[:2])
     if min((np.array(y_shape[1:3]) - 1) * st_ - 2 * p_ + dil * (kh_kw - 1) + 1) < 1:
         return  # the padding crops the whole output away: both libraries refuse
-    ours = conv_transpose2d(d, case.w, stride=case.stride, padding=pad, dilation=case.dilation)
+    ours = conv_transpose2d(
+        d, case.w, stride=case.stride, padding=pad, dilation=case.dilation
+    )
     h, w_ = ours.shape[1:3]
-    ref = F.conv_transpose2d(to_t(nhwc_to_nchw(d)), to_t(case.w.transpose(3, 2, 0, 1)),
-                             stride=case.stride, padding=pad, dilation=case.dilation).numpy()
+    ref = F.conv_transpose2d(
+        to_t(nhwc_to_nchw(d)),
+        to_t(case.w.transpose(3, 2, 0, 1)),
+        stride=case.stride,
+        padding=pad,
+        dilation=case.dilation,
+    ).numpy()
     assert_same(ours, nchw_to_nhwc(ref)[:, :h, :w_], np.float64)
 
 
@@ -116,8 +144,11 @@ def test_the_nonfinite_check_catches_a_nan_dropping_convolution():
     @given(case=conv_cases(), seed=st.integers(0, 2**32 - 1))
     def prop(case, seed):
         x = sprinkle(case.x, seed)
-        assert_same(conv2d_nan_to_zero(x, case.w, case.b, **case.kwargs),
-                    torch_conv2d(x, case.w, case.b, **case.kwargs), np.float64)
+        assert_same(
+            conv2d_nan_to_zero(x, case.w, case.b, **case.kwargs),
+            torch_conv2d(x, case.w, case.b, **case.kwargs),
+            np.float64,
+        )
 
     with pytest.raises(AssertionError, match="NaN"):
         prop()

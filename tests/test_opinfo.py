@@ -5,13 +5,16 @@ mismatched. (`tests/test_pool.py` runs the same database for `max_pool2d` and `a
 
 PyTorch also accepts unbatched inputs `(C, H, W)`; those samples get a batch axis of 1 at the
 edge, like the NCHW -> NHWC conversion, and are compared the same way."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("expecttest")  # torch.testing._internal needs it (a test dependency)
+pytest.importorskip(
+    "expecttest"
+)  # torch.testing._internal needs it (a test dependency)
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
 from convbook import conv2d, conv2d_backward, conv2d_backward_methods, conv2d_methods  # noqa: E402
@@ -20,8 +23,11 @@ from convbook.backward import CONV2D_BACKWARD_METHODS  # noqa: E402
 from convbook.conv import CONV2D_METHODS, conv_spec  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
-OPS = {op.name: op for op in op_db if op.name in (
-    "nn.functional.conv2d", "nn.functional.conv_transpose2d")}
+OPS = {
+    op.name: op
+    for op in op_db
+    if op.name in ("nn.functional.conv2d", "nn.functional.conv_transpose2d")
+}
 assert len(OPS) == 2, sorted(OPS)
 KEYS = {"stride", "padding", "dilation", "groups", "output_padding"}
 
@@ -44,10 +50,14 @@ def torch_grads(name, tensors, kwargs, seed):
     inp, weight, bias = tensors
     fn = getattr(torch.nn.functional, name.split(".")[-1])
     y = fn(inp, weight, bias, **kwargs)
-    dy = torch.from_numpy(np.random.default_rng(seed).standard_normal(tuple(y.shape))).to(y.dtype)
+    dy = torch.from_numpy(
+        np.random.default_rng(seed).standard_normal(tuple(y.shape))
+    ).to(y.dtype)
     leaves = [t for t in (inp, weight, bias) if t is not None]
     grads = torch.autograd.grad(y, leaves, dy)
-    as_nhwc = lambda t: (t if t.ndim == 4 else t.unsqueeze(0)).numpy().transpose(0, 2, 3, 1)  # noqa
+    as_nhwc = lambda t: (
+        (t if t.ndim == 4 else t.unsqueeze(0)).numpy().transpose(0, 2, 3, 1)
+    )  # noqa
     ref = [as_nhwc(grads[0]), grads[1].numpy().transpose(2, 3, 1, 0)]
     ref.append(grads[2].numpy() if bias is not None else None)
     return as_nhwc(y.detach()), as_nhwc(dy), ref
@@ -60,7 +70,9 @@ def compare(got, ref, dtype, what):
         raise AssertionError(f"{what}: {e}") from None
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32], ids=["float64", "float32"]
+)
 def test_every_conv2d_sample_through_every_method(dtype):
     npd = np.float64 if dtype == torch.float64 else np.float32
     checked = 0
@@ -69,7 +81,12 @@ def test_every_conv2d_sample_through_every_method(dtype):
         spec = conv_spec(x, w, **kw)[3]
         for m in ["auto", *conv2d_methods()]:
             if CONV2D_METHODS.supports(m, spec):
-                compare(conv2d(x, w, b, method=m, **kw), y_ref, npd, f"sample {k} {kw} {m} y")
+                compare(
+                    conv2d(x, w, b, method=m, **kw),
+                    y_ref,
+                    npd,
+                    f"sample {k} {kw} {m} y",
+                )
                 checked += 1
         for m in ["auto", *conv2d_backward_methods()]:
             if CONV2D_BACKWARD_METHODS.supports(m, spec):
@@ -82,13 +99,17 @@ def test_every_conv2d_sample_through_every_method(dtype):
     assert checked >= 30 * 4  # every sample, several methods each
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32], ids=["float64", "float32"]
+)
 def test_every_conv_transpose2d_sample(dtype):
     npd = np.float64 if dtype == torch.float64 else np.float32
     items = samples("nn.functional.conv_transpose2d", dtype)
     assert len(items) >= 12
     for k, (x, w, b, kw, tensors) in enumerate(items):
-        z_ref, dz, (rx, rw, rb) = torch_grads("nn.functional.conv_transpose2d", tensors, kw, k)
+        z_ref, dz, (rx, rw, rb) = torch_grads(
+            "nn.functional.conv_transpose2d", tensors, kw, k
+        )
         compare(conv_transpose2d(x, w, b, **kw), z_ref, npd, f"sample {k} {kw} z")
         dx, dw, db = conv_transpose2d_backward(dz, x, w, **kw)
         compare(dx, rx, npd, f"sample {k} {kw} dx")

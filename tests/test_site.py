@@ -11,6 +11,7 @@ The site is built first (`jupyter-book build . -W -n --keep-going`, executing ev
 a successful build (`make book`, which `make test` runs first) left its stamp after the last change
 to a source.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,15 @@ pytestmark = pytest.mark.site
 ROOT = Path(__file__).resolve().parents[1]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def toc_pages() -> list[str]:
@@ -55,8 +63,12 @@ PAGES = toc_pages()
 
 
 def _sources() -> list[Path]:
-    files = [ROOT / "_config.yml", ROOT / "_toc.yml", *(ROOT / "_ext").glob("*.py"),
-             *(ROOT / "_static").glob("*")]
+    files = [
+        ROOT / "_config.yml",
+        ROOT / "_toc.yml",
+        *(ROOT / "_ext").glob("*.py"),
+        *(ROOT / "_static").glob("*"),
+    ]
     return files + [source_of(p) for p in PAGES]
 
 
@@ -66,7 +78,9 @@ def source_of(page: str) -> Path:
     return notebook if notebook.exists() else ROOT / f"{page}.md"
 
 
-STAMP = HTML / ".convbook-built"  # touched by `make book` and below after a successful build
+STAMP = (
+    HTML / ".convbook-built"
+)  # touched by `make book` and below after a successful build
 
 
 def _site_is_fresh() -> bool:
@@ -79,7 +93,9 @@ def _site_is_fresh() -> bool:
 def site() -> Path:
     if not _site_is_fresh():
         jb = Path(sys.executable).with_name("jupyter-book")
-        subprocess.run([str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT, check=True)
+        subprocess.run(
+            [str(jb), "build", ".", "-W", "-n", "--keep-going"], cwd=ROOT, check=True
+        )
         STAMP.touch()
     assert _site_is_fresh(), "the book build did not produce every page of _toc.yml"
     return HTML
@@ -101,14 +117,20 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="session")
 def browser():
-    chromium = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    chromium = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    )
     if not Path(chromium).exists():
-        pytest.fail("Debian's Chromium is needed for the site tests: apt-get install -y chromium "
-                    "(`make test` installs it)")
+        pytest.fail(
+            "Debian's Chromium is needed for the site tests: apt-get install -y chromium "
+            "(`make test` installs it)"
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS, headless=True)
+        b = p.chromium.launch(
+            executable_path=chromium, args=CHROMIUM_FLAGS, headless=True
+        )
         yield b
         b.close()
 
@@ -123,12 +145,31 @@ def open_page(browser, url: str, base: str):
     """Open `url`; return the page and the list of problems seen while loading it."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console",
+        lambda m: (
+            problems.append(f"console {m.type}: {m.text}")
+            if m.type == "error"
+            else None
+        ),
+    )
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})")
-            if r.url.startswith(base) else None)
-    page.on("response", lambda r: problems.append(f"HTTP {r.status}: {r.url}")
-            if r.url.startswith(base) and r.status >= 400 else None)
+    page.on(
+        "requestfailed",
+        lambda r: (
+            problems.append(f"request failed: {r.url} ({r.failure})")
+            if r.url.startswith(base)
+            else None
+        ),
+    )
+    page.on(
+        "response",
+        lambda r: (
+            problems.append(f"HTTP {r.status}: {r.url}")
+            if r.url.startswith(base) and r.status >= 400
+            else None
+        ),
+    )
     page.goto(url, wait_until="load")
     page.wait_for_load_state("networkidle")
     return page, problems
@@ -171,22 +212,35 @@ def test_page_renders_cleanly(name, browser, server, screenshots):
     try:
         assert page.evaluate(MATHJAX_DONE) in ("ok", "no math")
         facts = FACTS[name] = page.evaluate(PAGE_FACTS)
-        page.screenshot(path=str(screenshots / f"{name.replace('/', '_')}.png"), full_page=True)
+        page.screenshot(
+            path=str(screenshots / f"{name.replace('/', '_')}.png"), full_page=True
+        )
         assert not problems, problems
-        assert facts["typeset"] == facts["math"], f"{facts['math'] - facts['typeset']} formulas not typeset"
+        assert facts["typeset"] == facts["math"], (
+            f"{facts['math'] - facts['typeset']} formulas not typeset"
+        )
         assert not facts["broken_images"], facts["broken_images"]
-        assert not DIRECTIVE.search(facts["text"]), DIRECTIVE.search(facts["text"]).group()
+        assert not DIRECTIVE.search(facts["text"]), DIRECTIVE.search(
+            facts["text"]
+        ).group()
         assert "Traceback (most recent call last)" not in facts["text"]
         notebook = source_of(name).suffix == ".ipynb"
-        buttons = ("binder", "colab", "download", "repository") if notebook else (
-            "download_md", "repository")  # a Markdown page has no kernel to launch
+        buttons = (
+            ("binder", "colab", "download", "repository")
+            if notebook
+            else ("download_md", "repository")
+        )  # a Markdown page has no kernel to launch
         for button in buttons:
             assert facts[button], f"no {button} button"
-        if notebook and name != PAGES[0]:  # every chapter ends with exercises, folded solutions
+        if (
+            notebook and name != PAGES[0]
+        ):  # every chapter ends with exercises, folded solutions
             assert "Exercises" in facts["text"] and facts["solutions"] > 0
             solution = page.locator("div.solution").first
             body = solution.locator("section").first
-            assert not body.is_visible(), "solutions must be folded until the reader opens them"
+            assert not body.is_visible(), (
+                "solutions must be folded until the reader opens them"
+            )
             solution.locator(".toggle-button, button").first.click()
             body.wait_for(state="visible", timeout=5000)
     finally:
@@ -205,13 +259,21 @@ def test_pages_with_math_and_figures_exist(browser, server):
     assert totals["math"] > 50 and totals["images"] > 30, totals
 
 
-@pytest.mark.parametrize("word, page", [("im2col", "book/04_im2col"), ("col2im", "book/05_backward"),
-                                        ("EMNIST", "book/07_emnist")])
+@pytest.mark.parametrize(
+    "word, page",
+    [
+        ("im2col", "book/04_im2col"),
+        ("col2im", "book/05_backward"),
+        ("EMNIST", "book/07_emnist"),
+    ],
+)
 def test_search_finds_chapter_words(word, page, browser, server):
     p, problems = open_page(browser, urljoin(server, f"search.html?q={word}"), server)
     try:
         p.wait_for_selector("#search-results ul.search li a", timeout=15000)
-        hrefs = p.eval_on_selector_all("#search-results ul.search li a", "els => els.map(e => e.href)")
+        hrefs = p.eval_on_selector_all(
+            "#search-results ul.search li a", "els => els.map(e => e.href)"
+        )
         assert any(urlsplit(h).path.endswith(f"{page}.html") for h in hrefs), hrefs
         assert not problems, problems
     finally:
@@ -228,7 +290,9 @@ class _Links(HTMLParser):
         if "id" in a:
             self.ids.add(a["id"])
         for key in ("href", "src"):
-            if a.get(key) and not (tag == "link" and a.get("rel") in ("preconnect", "dns-prefetch")):
+            if a.get(key) and not (
+                tag == "link" and a.get("rel") in ("preconnect", "dns-prefetch")
+            ):
                 self.links.append(a[key])
 
 
@@ -249,12 +313,18 @@ def broken_links(site: Path, pages: list[str]) -> list[str]:
             parts = urlsplit(link)
             if parts.scheme or parts.netloc:
                 continue
-            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            target = (
+                (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            )
             if target.is_dir():
                 target = target / "index.html"
             if not target.exists():
                 broken.append(f"{name}: {link}")
-            elif parts.fragment and target.suffix == ".html" and unquote(parts.fragment) not in _parse(target).ids:
+            elif (
+                parts.fragment
+                and target.suffix == ".html"
+                and unquote(parts.fragment) not in _parse(target).ids
+            ):
                 broken.append(f"{name}: {link} (no such anchor)")
     return broken
 
@@ -264,12 +334,19 @@ def test_internal_links_and_anchors_resolve(site):
 
 
 def test_link_check_catches_broken_links(tmp_path):
-    (tmp_path / "a.html").write_text('<h1 id="top">A</h1><a href="b.html#sec">ok</a><a href="#top">ok</a>'
-                                     '<img src="missing.png"><a href="b.html#nope">bad</a><a href="c.html">bad</a>'
-                                     '<a href="https://example.org/x">external</a>')
-    (tmp_path / "b.html").write_text('<section id="sec"><a href="a.html">back</a></section>')
-    assert broken_links(tmp_path, ["a", "b"]) == ["a: missing.png", "a: b.html#nope (no such anchor)",
-                                                  "a: c.html"]
+    (tmp_path / "a.html").write_text(
+        '<h1 id="top">A</h1><a href="b.html#sec">ok</a><a href="#top">ok</a>'
+        '<img src="missing.png"><a href="b.html#nope">bad</a><a href="c.html">bad</a>'
+        '<a href="https://example.org/x">external</a>'
+    )
+    (tmp_path / "b.html").write_text(
+        '<section id="sec"><a href="a.html">back</a></section>'
+    )
+    assert broken_links(tmp_path, ["a", "b"]) == [
+        "a: missing.png",
+        "a: b.html#nope (no such anchor)",
+        "a: c.html",
+    ]
 
 
 def test_api_reference_documents_every_public_name(site):
@@ -281,9 +358,15 @@ def test_api_reference_documents_every_public_name(site):
 
     import convbook
 
-    modules = {m.name for m in pkgutil.iter_modules(convbook.__path__) if not m.name.startswith("_")}
+    modules = {
+        m.name
+        for m in pkgutil.iter_modules(convbook.__path__)
+        if not m.name.startswith("_")
+    }
     for module in modules:
-        assert (site / "book" / "api" / f"{module}.html").exists(), f"no API page for convbook.{module}"
+        assert (site / "book" / "api" / f"{module}.html").exists(), (
+            f"no API page for convbook.{module}"
+        )
     missing = []
     for name in convbook.__all__:
         obj = getattr(convbook, name)

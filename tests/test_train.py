@@ -5,6 +5,7 @@ in a subprocess, both as `python -m convbook.train` and as the installed `convbo
 with the `convbook` package under test first on its path. PyTorch is the independent reference for
 the numbers `evaluate` reports and for the network's layer order.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,15 @@ import torch.nn.functional as F
 import convbook
 from convbook import load_sample, read_idx, train
 from convbook.data import MAPPINGS, SPLITS
-from convbook.layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from convbook.layers import (
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)
 from convbook.train import (
     DEFAULTS,
     HOLDOUT_SEED,
@@ -58,7 +67,9 @@ def sample():
 
 
 def new_model(xtr, mapping, seed=0) -> Model:
-    return Model(emnist_cnn(len(mapping), seed=seed), xtr.mean() / 255, xtr.std() / 255, mapping)
+    return Model(
+        emnist_cnn(len(mapping), seed=seed), xtr.mean() / 255, xtr.std() / 255, mapping
+    )
 
 
 def subset(x, y, n, seed=0):
@@ -74,7 +85,9 @@ def torch_logits(model: Model, images: np.ndarray) -> torch.Tensor:
     for layer in model.net.layers:
         p = {k: torch.from_numpy(v) for k, v in layer.params.items()}
         if isinstance(layer, Conv2d):
-            x = F.conv2d(x, p["w"].permute(3, 2, 0, 1), p["b"], padding=layer.geom["padding"])
+            x = F.conv2d(
+                x, p["w"].permute(3, 2, 0, 1), p["b"], padding=layer.geom["padding"]
+            )
         elif isinstance(layer, MaxPool2d):
             x = F.max_pool2d(x, layer.kernel)
         elif isinstance(layer, ReLU):
@@ -92,7 +105,9 @@ def letters_sample(x, y, per_class=None, seed=0):
     """The sample's letter images relabelled as EMNIST Letters labels them: 1 = `A`/`a` ...
     26 = `Z`/`z` (capitals and the sample's 11 lower-case classes)."""
     chars = MAPPINGS["bymerge"]
-    letter = np.array([ord(chars[k][0].upper()) - 64 if chars[k].isalpha() else 0 for k in range(47)])
+    letter = np.array(
+        [ord(chars[k][0].upper()) - 64 if chars[k].isalpha() else 0 for k in range(47)]
+    )
     keep = np.flatnonzero(letter[y] > 0)
     if per_class is not None:
         keep = np.sort(np.random.default_rng(seed).permutation(keep)[: per_class * 26])
@@ -104,8 +119,19 @@ def letters_sample(x, y, per_class=None, seed=0):
 
 def test_emnist_cnn_pools_before_relu():
     kinds = [type(layer).__name__ for layer in emnist_cnn().layers]
-    assert kinds == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU", "Flatten",
-                     "Linear", "ReLU", "Dropout", "Linear"]
+    assert kinds == [
+        "Conv2d",
+        "MaxPool2d",
+        "ReLU",
+        "Conv2d",
+        "MaxPool2d",
+        "ReLU",
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+    ]
 
 
 def _relu_pool(order, x, dy):
@@ -117,7 +143,12 @@ def _special_values(rng, shape, dtype):
     """Rounded normals (ties) with NaN, +inf, -inf and zeros mixed in."""
     x = np.round(rng.standard_normal(shape), 1).astype(dtype)
     special = rng.choice(5, size=shape, p=[0.8, 0.05, 0.05, 0.05, 0.05])
-    x[special == 1], x[special == 2], x[special == 3], x[special == 4] = np.nan, np.inf, -np.inf, 0
+    x[special == 1], x[special == 2], x[special == 3], x[special == 4] = (
+        np.nan,
+        np.inf,
+        -np.inf,
+        0,
+    )
     return x
 
 
@@ -132,7 +163,10 @@ def test_pooling_before_relu_is_relu_before_pooling(dtype, seed):
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_()
     ty = F.max_pool2d(F.relu(tx), 2)
     ty.backward(torch.from_numpy(dy.transpose(0, 3, 1, 2).copy()))
-    y_ref, dx_ref = ty.detach().numpy().transpose(0, 2, 3, 1), tx.grad.numpy().transpose(0, 2, 3, 1)
+    y_ref, dx_ref = (
+        ty.detach().numpy().transpose(0, 2, 3, 1),
+        tx.grad.numpy().transpose(0, 2, 3, 1),
+    )
     assert np.isnan(y_ref).any() and np.isinf(y_ref).any()
     for order in (["relu", "pool"], ["pool", "relu"]):
         y, dx = _relu_pool(order, x, dy)
@@ -146,7 +180,9 @@ def test_the_order_check_catches_a_pooling_that_does_not_commute():
     x = _special_values(np.random.default_rng(0), (2, 6, 6, 2), np.float64)
     x = np.nan_to_num(x, nan=0.5, posinf=3.0, neginf=-3.0)
     relu = lambda a: np.maximum(a, 0)  # noqa: E731
-    assert not np.array_equal(relu(convbook.avg_pool2d(x, 2)), convbook.avg_pool2d(relu(x), 2))
+    assert not np.array_equal(
+        relu(convbook.avg_pool2d(x, 2)), convbook.avg_pool2d(relu(x), 2)
+    )
 
 
 # --- labels: every split trains and predicts its own labels
@@ -158,7 +194,9 @@ def test_every_split_has_a_model_whose_labels_are_its_mapping(split):
     assert len(mapping) == SPLITS[split]
     first = 1 if split == "letters" else 0
     assert sorted(mapping) == list(range(first, first + SPLITS[split]))
-    model = Model(emnist_cnn(len(mapping)), 0.17, 0.33, mapping)  # as convbook-train builds it
+    model = Model(
+        emnist_cnn(len(mapping)), 0.17, 0.33, mapping
+    )  # as convbook-train builds it
     assert model.labels.tolist() == sorted(mapping)
     assert model.output_index(model.labels).tolist() == list(range(len(mapping)))
     images, _, _ = load_sample("test")
@@ -222,15 +260,24 @@ def test_cli_trains_letters(monkeypatch, tmp_path, sample, capsys):
     xtr, ytr, xte, yte, _ = sample
     x, y = letters_sample(xtr, ytr, per_class=40)
     xt, yt = letters_sample(xte, yte)
-    data = train.TrainingData(x, y, xt, yt, dict(MAPPINGS["letters"]), "relabelled letters")
+    data = train.TrainingData(
+        x, y, xt, yt, dict(MAPPINGS["letters"]), "relabelled letters"
+    )
     monkeypatch.setattr(train, "load_training_data", lambda *a, **k: data)
     out = tmp_path / "letters.npz"
-    assert train.main(["--split", "letters", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
+    assert (
+        train.main(
+            ["--split", "letters", "--epochs", "1", "--quiet", "--out", str(out)]
+        )
+        == 0
+    )
     loaded = load_model(out)
     assert loaded.labels.tolist() == list(range(1, 27))
     pred = loaded.predict(xt)
     m = re.search(r"test accuracy after 1 epoch: (0\.\d{4})", capsys.readouterr().out)
-    assert m and abs(float((pred == yt).mean()) - float(m.group(1))) <= 1e-4 + 2 / len(yt)
+    assert m and abs(float((pred == yt).mean()) - float(m.group(1))) <= 1e-4 + 2 / len(
+        yt
+    )
 
 
 # --- fit and evaluate
@@ -241,7 +288,9 @@ def test_fit_learns_on_a_small_subset(sample):
     x, y = subset(xtr, ytr, 2000)
     model = new_model(x, mapping)
     _, acc_before = evaluate(model, xte, yte)
-    hist = fit(model, x, y, epochs=2, batch_size=16, seed=0, test=(xte, yte), progress=False)
+    hist = fit(
+        model, x, y, epochs=2, batch_size=16, seed=0, test=(xte, yte), progress=False
+    )
     assert set(hist) == {"loss", "acc", "test_loss", "test_acc", "seconds"}
     assert all(len(v) == 2 for v in hist.values())
     assert hist["loss"][1] < hist["loss"][0]
@@ -262,13 +311,19 @@ def test_evaluate_matches_pytorch_and_a_wrong_reference_is_caught(sample):
     model = new_model(xtr, mapping, seed=3)
     loss, acc = evaluate(model, xte[:500], yte[:500])
     logits = torch_logits(model, xte[:500])
-    assert loss == pytest.approx(F.cross_entropy(logits, torch.from_numpy(yte[:500])).item(), rel=1e-5)
+    assert loss == pytest.approx(
+        F.cross_entropy(logits, torch.from_numpy(yte[:500])).item(), rel=1e-5
+    )
     assert abs(acc - float((logits.argmax(1).numpy() == yte[:500]).mean())) <= 2 / 500
     # the reference can fail: the same weights in the wrong flatten order give other logits
-    model.net.layers[6] = type("ChannelsFirst", (Flatten,), {
-        "forward": lambda self, x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)})()
+    model.net.layers[6] = type(
+        "ChannelsFirst",
+        (Flatten,),
+        {"forward": lambda self, x: x.transpose(0, 3, 1, 2).reshape(len(x), -1)},
+    )()
     assert F.cross_entropy(logits, torch.from_numpy(yte[:500])).item() != pytest.approx(
-        evaluate(model, xte[:500], yte[:500])[0], rel=1e-3)
+        evaluate(model, xte[:500], yte[:500])[0], rel=1e-3
+    )
 
 
 def test_fit_is_deterministic_for_a_seed(sample):
@@ -302,9 +357,24 @@ def test_train_epochs_steps_one_epoch_at_a_time_like_fit(sample):
     xtr, ytr, xte, yte, mapping = sample
     x, y = subset(xtr, ytr, 256, seed=4)
     by_fit, by_steps = new_model(x, mapping, seed=2), new_model(x, mapping, seed=2)
-    hist = fit(by_fit, x, y, epochs=2, batch_size=64, test=(xte[:200], yte[:200]), progress=False)
-    epochs = train.train_epochs(by_steps, x, y, epochs=2, batch_size=64,
-                                test=(xte[:200], yte[:200]), progress=False)
+    hist = fit(
+        by_fit,
+        x,
+        y,
+        epochs=2,
+        batch_size=64,
+        test=(xte[:200], yte[:200]),
+        progress=False,
+    )
+    epochs = train.train_epochs(
+        by_steps,
+        x,
+        y,
+        epochs=2,
+        batch_size=64,
+        test=(xte[:200], yte[:200]),
+        progress=False,
+    )
     results = [next(epochs), next(epochs)]
     assert [r.epoch for r in results] == [1, 2]
     assert [r.test_acc for r in results] == hist["test_acc"]
@@ -347,11 +417,15 @@ def test_fit_rejects_bad_arguments_before_training(sample, kwargs, error):
         (np.zeros((2, 28, 28), np.float32), np.array([0, 1]), "uint8"),
     ],
 )
-def test_evaluate_and_fit_reject_images_and_labels_that_do_not_fit(sample, images, labels, match):
+def test_evaluate_and_fit_reject_images_and_labels_that_do_not_fit(
+    sample, images, labels, match
+):
     xtr, _, _, _, mapping = sample
     model = new_model(xtr, mapping)
-    for call in (lambda: evaluate(model, images, labels),
-                 lambda: fit(model, images, labels, progress=False)):
+    for call in (
+        lambda: evaluate(model, images, labels),
+        lambda: fit(model, images, labels, progress=False),
+    ):
         with pytest.raises((ValueError, TypeError), match=match):
             call()
 
@@ -372,23 +446,36 @@ def test_fit_stops_when_a_weight_is_not_finite_even_if_the_loss_is(sample, monke
     xtr, ytr, _, _, mapping = sample
     model = new_model(xtr, mapping)
     model.net.layers[0].params["w"][0, 0, 0, 0] = np.nan
-    monkeypatch.setattr(ReLU, "forward", lambda self, x: (
-        setattr(self, "mask", x > 0) or np.where(self.mask, x, 0).astype(x.dtype)))
-    monkeypatch.setattr(ReLU, "backward", lambda self, dy: np.where(self.mask, dy, 0).astype(dy.dtype))
-    with pytest.raises(train.TrainingDiverged, match="weight 0.w is not finite after epoch 1"):
+    monkeypatch.setattr(
+        ReLU,
+        "forward",
+        lambda self, x: (
+            setattr(self, "mask", x > 0) or np.where(self.mask, x, 0).astype(x.dtype)
+        ),
+    )
+    monkeypatch.setattr(
+        ReLU, "backward", lambda self, dy: np.where(self.mask, dy, 0).astype(dy.dtype)
+    )
+    with pytest.raises(
+        train.TrainingDiverged, match="weight 0.w is not finite after epoch 1"
+    ):
         fit(model, xtr[:64], ytr[:64], epochs=2, progress=False)
 
 
 # --- split_holdout and load_training_data
 
 
-@pytest.mark.parametrize("n, fraction", [(116_323, 0.1), (1000, 0.25), (7, 0.5), (10, 0.1)])
+@pytest.mark.parametrize(
+    "n, fraction", [(116_323, 0.1), (1000, 0.25), (7, 0.5), (10, 0.1)]
+)
 def test_split_holdout_is_a_disjoint_cover_of_the_right_size(n, fraction):
     train_part, held = split_holdout(n, fraction)
     assert len(np.intersect1d(train_part, held)) == 0
     assert np.array_equal(np.sort(np.concatenate([train_part, held])), np.arange(n))
     assert len(held) == round(n * fraction)
-    assert np.all(np.diff(train_part) > 0) and np.all(np.diff(held) > 0)  # sorted, no repeats
+    assert np.all(np.diff(train_part) > 0) and np.all(
+        np.diff(held) > 0
+    )  # sorted, no repeats
 
 
 def test_split_holdout_depends_only_on_its_own_seed():
@@ -396,16 +483,29 @@ def test_split_holdout_depends_only_on_its_own_seed():
     np.random.seed(123)  # the global generator plays no part
     again = split_holdout(5000, 0.1)
     assert all(np.array_equal(a, b) for a, b in zip(ref, again))
-    assert all(np.array_equal(a, b) for a, b in zip(ref, split_holdout(5000, 0.1, HOLDOUT_SEED)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(ref, split_holdout(5000, 0.1, HOLDOUT_SEED))
+    )
     other = split_holdout(5000, 0.1, seed=HOLDOUT_SEED + 1)
     assert not np.array_equal(ref[1], other[1])  # the seed is really used
 
 
-@pytest.mark.parametrize("n, fraction, error", [
-    (100, 0, ValueError), (100, 1, ValueError), (100, -0.1, ValueError), (100, 1.5, ValueError),
-    (100, float("nan"), ValueError), (100, "0.1", TypeError), (10, 0.01, ValueError),
-    (10, 0.99, ValueError), (1, 0.5, ValueError), (10.0, 0.5, TypeError),
-])
+@pytest.mark.parametrize(
+    "n, fraction, error",
+    [
+        (100, 0, ValueError),
+        (100, 1, ValueError),
+        (100, -0.1, ValueError),
+        (100, 1.5, ValueError),
+        (100, float("nan"), ValueError),
+        (100, "0.1", TypeError),
+        (10, 0.01, ValueError),
+        (10, 0.99, ValueError),
+        (1, 0.5, ValueError),
+        (10.0, 0.5, TypeError),
+    ],
+)
 def test_split_holdout_rejects_bad_arguments_and_empty_parts(n, fraction, error):
     with pytest.raises(error):
         split_holdout(n, fraction)
@@ -418,7 +518,9 @@ def test_load_training_data_sample():
     assert ytr.shape == (11_280,) and yte.shape == (2_820,)
     assert ytr.dtype == yte.dtype == np.int64
     assert set(np.unique(ytr)) == set(np.unique(yte)) == set(range(47)) == set(mapping)
-    assert "sample" in description and "11,280" in description and "2,820" in description
+    assert (
+        "sample" in description and "11,280" in description and "2,820" in description
+    )
     assert "47 balanced classes" in description
 
 
@@ -429,8 +531,12 @@ def test_load_training_data_rejects_unknown_split():
 
 @pytest.mark.parametrize("holdout", [0, 1.5, float("nan")])
 def test_load_training_data_checks_holdout_before_reading(holdout, tmp_path):
-    with pytest.raises(ValueError, match="holdout"):  # the folder is empty: nothing was read
-        load_training_data("mnist", tmp_path, from_test_file=True, holdout=holdout, download=False)
+    with pytest.raises(
+        ValueError, match="holdout"
+    ):  # the folder is empty: nothing was read
+        load_training_data(
+            "mnist", tmp_path, from_test_file=True, holdout=holdout, download=False
+        )
 
 
 def test_pixel_stats_against_float64_and_bad_input(sample):
@@ -453,26 +559,43 @@ def test_load_training_data_from_test_file_splits_the_real_test_file(shared_emni
     assert len(ytr) == len(xtr) and len(yte) == len(xte)
     assert xtr.shape[1:] == xte.shape[1:] == (28, 28) and len(mapping) == 47
     assert "test* file split" in description and f"seed {HOLDOUT_SEED}" in description
-    assert f"{len(xtr):,} training" in description and f"{len(xte):,} held-out" in description
+    assert (
+        f"{len(xtr):,} training" in description
+        and f"{len(xte):,} held-out" in description
+    )
     # the parts are split_holdout's indices into the file, in the file's order
     labels = read_idx(folder / "emnist-bymerge-test-labels-idx1-ubyte.gz")
     train_part, held = split_holdout(n, 0.1)
     assert np.array_equal(ytr, labels[train_part]) and np.array_equal(yte, labels[held])
 
 
-def test_cli_seed_never_changes_the_held_out_split(monkeypatch, tmp_path, capsys, shared_emnist):
+def test_cli_seed_never_changes_the_held_out_split(
+    monkeypatch, tmp_path, capsys, shared_emnist
+):
     """`--from-test-file` with two training seeds: same training and held-out images."""
     folder = shared_emnist
     seen = []
 
-    def fake_fit(model, images, labels, *, test, seed, **kwargs):  # records, does not train
+    def fake_fit(
+        model, images, labels, *, test, seed, **kwargs
+    ):  # records, does not train
         seen.append((images, labels, *test, seed))
         return {"test_acc": [0.5], "seconds": [0.0]}
 
     monkeypatch.setattr(train, "fit", fake_fit)
     for seed in (0, 7):
-        args = ["--data", str(folder), "--split", "mnist", "--from-test-file", "--no-download",
-                "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}.npz")]
+        args = [
+            "--data",
+            str(folder),
+            "--split",
+            "mnist",
+            "--from-test-file",
+            "--no-download",
+            "--seed",
+            str(seed),
+            "--out",
+            str(tmp_path / f"seed{seed}.npz"),
+        ]
         assert train.main(args) == 0
     (x0, y0, xh0, yh0, s0), (x7, y7, xh7, yh7, s7) = seen
     assert (s0, s7) == (0, 7)
@@ -503,9 +626,16 @@ def test_predict_rejects_float_images():
         model.predict(np.zeros((2, 28, 28), np.float32))
 
 
-@pytest.mark.parametrize("batch_size, error", [
-    (0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError), ("8", TypeError),
-])
+@pytest.mark.parametrize(
+    "batch_size, error",
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (2.5, TypeError),
+        (True, TypeError),
+        ("8", TypeError),
+    ],
+)
 def test_predict_rejects_bad_batch_sizes(sample, batch_size, error):
     model = new_model(sample[0], sample[4])
     with pytest.raises(error, match="batch_size"):
@@ -515,16 +645,27 @@ def test_predict_rejects_bad_batch_sizes(sample, batch_size, error):
 def test_predict_is_the_same_in_any_batch_size(sample):
     model = new_model(sample[0], sample[4], seed=1)
     ref = model.logits(sample[2][:100])
-    for batch_size in (1, 7, np.int64(64), 1000):  # other batch shapes round differently
+    for batch_size in (
+        1,
+        7,
+        np.int64(64),
+        1000,
+    ):  # other batch shapes round differently
         got = model.logits(sample[2][:100], batch_size)
         assert np.allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"std": 0.0}, "std"), ({"std": float("nan")}, "std"), ({"mean": float("inf")}, "mean"),
-    ({"mapping": {}}, "mapping"), ({"mapping": {k: "" for k in range(47)}}, "mapping"),
-    ({"mapping": {-1: "a", **{k: str(k) for k in range(46)}}}, "label"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"std": 0.0}, "std"),
+        ({"std": float("nan")}, "std"),
+        ({"mean": float("inf")}, "mean"),
+        ({"mapping": {}}, "mapping"),
+        ({"mapping": {k: "" for k in range(47)}}, "mapping"),
+        ({"mapping": {-1: "a", **{k: str(k) for k in range(46)}}}, "label"),
+    ],
+)
 def test_model_rejects_bad_normalisation_and_mappings(kwargs, match):
     args = dict(mean=0.17, std=0.33, mapping={k: str(k) for k in range(47)}) | kwargs
     with pytest.raises((ValueError, TypeError), match=match):
@@ -540,7 +681,9 @@ def test_save_load_round_trip(tmp_path, sample):
     fit(model, xtr[:128], ytr[:128], epochs=1, batch_size=64, progress=False)
     path = model.save(tmp_path / "model")
     assert path == tmp_path / "model.npz" and path.is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary file left
+    assert [p.name for p in tmp_path.iterdir()] == [
+        "model.npz"
+    ]  # no temporary file left
     loaded = load_model(path)
     assert [type(l) for l in loaded.net.layers] == [type(l) for l in model.net.layers]
     assert loaded.net.layers[9].p == model.net.layers[9].p  # dropout probability
@@ -549,7 +692,11 @@ def test_save_load_round_trip(tmp_path, sample):
     for k in params:
         assert loaded_params[k].dtype == params[k].dtype
         assert np.array_equal(loaded_params[k], params[k]), k
-    assert (loaded.mean, loaded.std, loaded.mapping) == (model.mean, model.std, model.mapping)
+    assert (loaded.mean, loaded.std, loaded.mapping) == (
+        model.mean,
+        model.std,
+        model.mapping,
+    )
     assert np.array_equal(loaded.predict(xte[:300]), model.predict(xte[:300]))
     assert np.array_equal(loaded.logits(xte[:50]), model.logits(xte[:50]))
 
@@ -558,7 +705,9 @@ def save_old_format(model: Model, path: Path, layers=None) -> None:
     """`model` written as the first version of `Model.save` wrote it (no "format" entry)."""
     meta = dict(
         layers=[[type(l).__name__, l.config()] for l in (layers or model.net.layers)],
-        mean=model.mean, std=model.std, mapping={str(k): v for k, v in model.mapping.items()},
+        mean=model.mean,
+        std=model.std,
+        mapping={str(k): v for k, v in model.mapping.items()},
     )
     np.savez(path, __meta__=np.array(json.dumps(meta)), **model.net.parameters())
 
@@ -570,7 +719,11 @@ def test_files_of_the_first_format_and_layer_order_still_load(tmp_path, sample):
     relu_first = [model.net.layers[i] for i in (0, 2, 1, 3, 5, 4, 6, 7, 8, 9, 10)]
     save_old_format(model, tmp_path / "old.npz", relu_first)
     old = load_model(tmp_path / "old.npz")
-    assert [type(l).__name__ for l in old.net.layers[:3]] == ["Conv2d", "ReLU", "MaxPool2d"]
+    assert [type(l).__name__ for l in old.net.layers[:3]] == [
+        "Conv2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     assert np.array_equal(old.logits(xte[:300]), model.logits(xte[:300]))
 
 
@@ -578,7 +731,9 @@ def test_nested_sequential_saves_and_loads(tmp_path, sample):
     xtr, _, xte, _, _ = sample
     rng = np.random.default_rng(0)
     block = Sequential(Conv2d(1, 4, 3, padding=1, rng=rng), MaxPool2d(2), ReLU())
-    net = Sequential(block, Sequential(Flatten(), Sequential(Linear(14 * 14 * 4, 10, rng=rng))))
+    net = Sequential(
+        block, Sequential(Flatten(), Sequential(Linear(14 * 14 * 4, 10, rng=rng)))
+    )
     model = Model(net, 0.17, 0.33, MAPPINGS["digits"])
     assert set(net.parameters()) == {"0.0.w", "0.0.b", "1.1.0.w", "1.1.0.b"}
     loaded = load_model(model.save(tmp_path / "nested.npz"))
@@ -590,26 +745,41 @@ def test_numpy_integer_hyperparameters_save_and_load(tmp_path, sample):
     i = np.int64
     rng = np.random.default_rng(0)
     net = Sequential(
-        Conv2d(i(1), i(4), i(3), stride=i(1), padding=i(1), rng=rng), MaxPool2d(i(2)), ReLU(),
-        Flatten(), Linear(i(14 * 14 * 4), i(10), rng=rng), Dropout(np.float64(0.5)),
+        Conv2d(i(1), i(4), i(3), stride=i(1), padding=i(1), rng=rng),
+        MaxPool2d(i(2)),
+        ReLU(),
+        Flatten(),
+        Linear(i(14 * 14 * 4), i(10), rng=rng),
+        Dropout(np.float64(0.5)),
     )
-    model = Model(net, np.float32(0.17), np.float64(0.33), {i(k): str(k) for k in range(10)})
+    model = Model(
+        net, np.float32(0.17), np.float64(0.33), {i(k): str(k) for k in range(10)}
+    )
     loaded = load_model(model.save(tmp_path / "numpy-ints.npz"))
     assert np.array_equal(loaded.logits(sample[2][:20]), model.logits(sample[2][:20]))
     assert loaded.mapping == {k: str(k) for k in range(10)}
 
 
-def test_save_writes_numpy_scalars_in_a_config_as_json_numbers(tmp_path, sample, monkeypatch):
+def test_save_writes_numpy_scalars_in_a_config_as_json_numbers(
+    tmp_path, sample, monkeypatch
+):
     """Whatever a layer's config() holds in NumPy scalars (as layers did before they were
     fixed to return Python ints), `Model.save` writes plain JSON numbers."""
-    monkeypatch.setattr(MaxPool2d, "config", lambda self: dict(
-        kernel=np.int64(2), stride=None, padding=np.array([0, 0])))
+    monkeypatch.setattr(
+        MaxPool2d,
+        "config",
+        lambda self: dict(kernel=np.int64(2), stride=None, padding=np.array([0, 0])),
+    )
     model = new_model(sample[0], sample[4], seed=4)
     path = model.save(tmp_path / "m.npz")
-    assert _meta(path)["layers"][1] == ["MaxPool2d", {"kernel": 2, "stride": None,
-                                                       "padding": [0, 0]}]
+    assert _meta(path)["layers"][1] == [
+        "MaxPool2d",
+        {"kernel": 2, "stride": None, "padding": [0, 0]},
+    ]
     monkeypatch.undo()
-    assert np.array_equal(load_model(path).logits(sample[2][:20]), model.logits(sample[2][:20]))
+    assert np.array_equal(
+        load_model(path).logits(sample[2][:20]), model.logits(sample[2][:20])
+    )
 
 
 def test_save_never_destroys_the_previous_model(tmp_path, sample, monkeypatch):
@@ -631,7 +801,10 @@ def test_save_never_destroys_the_previous_model(tmp_path, sample, monkeypatch):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]
     monkeypatch.undo()
-    assert np.array_equal(load_model(path).predict(xte[:50]), new_model(xtr, mapping, seed=1).predict(xte[:50]))
+    assert np.array_equal(
+        load_model(path).predict(xte[:50]),
+        new_model(xtr, mapping, seed=1).predict(xte[:50]),
+    )
 
 
 def test_save_refuses_non_finite_weights_and_missing_folders(tmp_path, sample):
@@ -665,10 +838,21 @@ def _meta(path: Path) -> dict:
         return json.loads(str(f["__meta__"]))
 
 
-@pytest.mark.parametrize("damage", [
-    "empty", "truncated at 10%", "truncated at 50%", "truncated at 99%", "one byte changed",
-    "text", "npy", "zip of other things", "no such file", "a folder",
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "empty",
+        "truncated at 10%",
+        "truncated at 50%",
+        "truncated at 99%",
+        "one byte changed",
+        "text",
+        "npy",
+        "zip of other things",
+        "no such file",
+        "a folder",
+    ],
+)
 def test_load_model_rejects_damaged_and_foreign_files(tmp_path, sample, damage):
     raw = _saved(tmp_path, sample).read_bytes()
     path = tmp_path / "bad.npz"
@@ -694,17 +878,28 @@ def test_load_model_rejects_damaged_and_foreign_files(tmp_path, sample, damage):
     assert issubclass(train.ModelFileError, ValueError)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"arrays": {"10.b": np.zeros(1, np.float32)}}, r"10\.b has shape \(1,\)"),  # broadcasts
-    ({"arrays": {"7.w": np.zeros((128, 3136), np.float32)}}, r"7\.w has shape \(128, 3136\)"),
-    ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), np.float64)}}, "dtype float64"),
-    ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), ">f4")}}, "dtype >f4"),
-    ({"arrays": {"0.w": np.full((3, 3, 1, 32), np.nan, np.float32)}}, "NaN"),
-    ({"arrays": {"extra": np.zeros(3, np.float32)}}, "unexpected"),
-    ({"drop": ["3.b"]}, "missing"),
-    ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), object)}}, "0.w"),
-])
-def test_load_model_checks_every_array_against_its_layer(tmp_path, sample, change, match):
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (
+            {"arrays": {"10.b": np.zeros(1, np.float32)}},
+            r"10\.b has shape \(1,\)",
+        ),  # broadcasts
+        (
+            {"arrays": {"7.w": np.zeros((128, 3136), np.float32)}},
+            r"7\.w has shape \(128, 3136\)",
+        ),
+        ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), np.float64)}}, "dtype float64"),
+        ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), ">f4")}}, "dtype >f4"),
+        ({"arrays": {"0.w": np.full((3, 3, 1, 32), np.nan, np.float32)}}, "NaN"),
+        ({"arrays": {"extra": np.zeros(3, np.float32)}}, "unexpected"),
+        ({"drop": ["3.b"]}, "missing"),
+        ({"arrays": {"0.w": np.zeros((3, 3, 1, 32), object)}}, "0.w"),
+    ],
+)
+def test_load_model_checks_every_array_against_its_layer(
+    tmp_path, sample, change, match
+):
     bad = _rewrite(_saved(tmp_path, sample), tmp_path / "bad.npz", **change)
     with pytest.raises(train.ModelFileError, match=match):
         load_model(bad)
@@ -728,7 +923,11 @@ def _meta_edits():
         ("future format", lambda m: m.update(format=99), "format 99"),
         ("no layers", lambda m: m.pop("layers"), "lacks"),
         ("too deep", lambda m: m.update(layers=_deep(20)), "nest too deeply"),
-        ("very deep", None, "RecursionError"),  # JSON nested deeper than Python recurses
+        (
+            "very deep",
+            None,
+            "RecursionError",
+        ),  # JSON nested deeper than Python recurses
     ]
 
 
@@ -739,7 +938,9 @@ def _deep(n):
     return spec
 
 
-@pytest.mark.parametrize("name, edit, match", _meta_edits(), ids=[e[0] for e in _meta_edits()])
+@pytest.mark.parametrize(
+    "name, edit, match", _meta_edits(), ids=[e[0] for e in _meta_edits()]
+)
 def test_load_model_checks_the_metadata(tmp_path, sample, name, edit, match):
     good = _saved(tmp_path, sample)
     meta = _meta(good)
@@ -778,8 +979,11 @@ def test_load_model_does_not_allocate_what_a_crafted_config_asks_for(tmp_path, s
 
 def test_load_model_reads_the_headers_before_the_data(tmp_path, sample, monkeypatch):
     """A wrong shape is found without reading any weight."""
-    bad = _rewrite(_saved(tmp_path, sample), tmp_path / "bad.npz",
-                   arrays={"10.b": np.zeros(1, np.float32)})
+    bad = _rewrite(
+        _saved(tmp_path, sample),
+        tmp_path / "bad.npz",
+        arrays={"10.b": np.zeros(1, np.float32)},
+    )
     read_array = np.lib.format.read_array
 
     def only_the_meta(fp, **kwargs):
@@ -794,18 +998,28 @@ def test_load_model_reads_the_headers_before_the_data(tmp_path, sample, monkeypa
 # --- the command line
 
 
-def run_cli(launcher: str, *args: str, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def run_cli(
+    launcher: str, *args: str, cwd=None, timeout=300
+) -> subprocess.CompletedProcess:
     if launcher == "module":
         cmd = [sys.executable, "-m", "convbook.train"]
     else:
-        assert SCRIPT.is_file(), f"console script not installed next to {sys.executable}"
+        assert SCRIPT.is_file(), (
+            f"console script not installed next to {sys.executable}"
+        )
         cmd = [str(SCRIPT)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(PACKAGE_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        [str(PACKAGE_ROOT)]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     )
     return subprocess.run(
-        cmd + list(args), check=False, capture_output=True, text=True, cwd=cwd, env=env,
+        cmd + list(args),
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
         timeout=timeout,
     )
 
@@ -818,15 +1032,25 @@ def test_cli_help(launcher):
     r = run_cli(launcher, "--help")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("usage: convbook-train")
-    for option in ("--data", "--split", "--from-test-file", "--epochs", "--out", "--no-download",
-                   "--version"):
+    for option in (
+        "--data",
+        "--split",
+        "--from-test-file",
+        "--epochs",
+        "--out",
+        "--no-download",
+        "--version",
+    ):
         assert option in r.stdout
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_cli_version(launcher):
     r = run_cli(launcher, "--version")
-    assert r.returncode == 0 and r.stdout.strip() == f"convbook-train {convbook.__version__}"
+    assert (
+        r.returncode == 0
+        and r.stdout.strip() == f"convbook-train {convbook.__version__}"
+    )
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -856,11 +1080,19 @@ def test_cli_rejects_bad_options(launcher, args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing saved
 
 
-def test_cli_checks_the_output_path_before_loading_anything(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "load_training_data", lambda *a, **k: pytest.fail("data loaded"))
+def test_cli_checks_the_output_path_before_loading_anything(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(
+        train, "load_training_data", lambda *a, **k: pytest.fail("data loaded")
+    )
     (tmp_path / "a-file").write_text("")
     (tmp_path / "a-folder.npz").mkdir()
-    cases = [tmp_path / "missing" / "m.npz", tmp_path / "a-file" / "m.npz", tmp_path / "a-folder"]
+    cases = [
+        tmp_path / "missing" / "m.npz",
+        tmp_path / "a-file" / "m.npz",
+        tmp_path / "a-folder",
+    ]
     if os.name == "posix" and os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -878,7 +1110,9 @@ def test_cli_checks_the_output_path_before_loading_anything(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_cli_rejects_data_with_the_sample(launcher, tmp_path):
-    r = run_cli(launcher, "--data", str(tmp_path), cwd=tmp_path)  # --split defaults to sample
+    r = run_cli(
+        launcher, "--data", str(tmp_path), cwd=tmp_path
+    )  # --split defaults to sample
     assert r.returncode == 2
     assert "--data needs --split" in r.stderr and "Traceback" not in r.stderr
 
@@ -886,10 +1120,18 @@ def test_cli_rejects_data_with_the_sample(launcher, tmp_path):
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_cli_reports_missing_files(launcher, tmp_path):
     r = run_cli(
-        launcher, "--data", str(tmp_path), "--split", "mnist", "--no-download", cwd=tmp_path
+        launcher,
+        "--data",
+        str(tmp_path),
+        "--split",
+        "mnist",
+        "--no-download",
+        cwd=tmp_path,
     )
     assert r.returncode == 1
-    assert "convbook-train: error:" in r.stderr and "emnist-mnist-train-images" in r.stderr
+    assert (
+        "convbook-train: error:" in r.stderr and "emnist-mnist-train-images" in r.stderr
+    )
     assert "Traceback" not in r.stderr
 
 
@@ -915,7 +1157,12 @@ def test_cli_reports_a_corrupt_file(launcher, tmp_path, shared_emnist):
     images.write_bytes(bytes(raw))
     r = run_cli(
         launcher,
-        "--split", "mnist", "--from-test-file", "--data", str(data), "--no-download",
+        "--split",
+        "mnist",
+        "--from-test-file",
+        "--data",
+        str(data),
+        "--no-download",
         cwd=tmp_path,
     )
     assert r.returncode != 0
@@ -944,17 +1191,25 @@ def test_cli_trains_saves_and_the_model_loads(tmp_path, sample):
     assert pred.shape == (len(xte),) and pred.dtype.kind == "i"
     acc = float((pred == yte).mean())
     assert acc > 0.3  # one epoch on the sample: well above chance (1/47)
-    assert abs(acc - float(m.group(1))) <= 2e-3  # the saved model is the one that was measured
+    assert (
+        abs(acc - float(m.group(1))) <= 2e-3
+    )  # the saved model is the one that was measured
 
 
 def test_defaults_are_the_chapters():
     assert DEFAULTS == {"epochs": 6, "batch_size": 64, "lr": 1e-3, "seed": 0}
 
 
-@pytest.mark.parametrize("args,word", [
-    (["--from-test-file"], "--from-test-file needs --split"),
-    (["--split", "mnist", "--holdout", "0.2"], "--holdout only applies with --from-test-file"),
-])
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["--from-test-file"], "--from-test-file needs --split"),
+        (
+            ["--split", "mnist", "--holdout", "0.2"],
+            "--holdout only applies with --from-test-file",
+        ),
+    ],
+)
 def test_cli_rejects_options_that_would_be_ignored(args, word, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(args)
