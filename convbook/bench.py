@@ -166,11 +166,13 @@ def _set_threads(threads: int) -> tuple[int | None, str, Callable[[], None]]:
     torch_before = torch.get_num_threads() if torch else None
     if torch:
         torch.set_num_threads(threads)
-    limits = None
+    # Entered as a context, so that threadpoolctl hands control of OpenBLAS's shared
+    # pool back when the block ends (a pin from another thread would be ignored).
+    limits = contextlib.ExitStack()
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
 
-        limits = threadpool_limits(limits=threads, user_api="blas")
+        limits.enter_context(threadpool_limits(limits=threads, user_api="blas"))
         blas = [
             f"{p['internal_api']} {p['num_threads']} threads"
             for p in threadpool_info()
@@ -183,8 +185,7 @@ def _set_threads(threads: int) -> tuple[int | None, str, Callable[[], None]]:
     def restore() -> None:
         if torch:
             torch.set_num_threads(torch_before)
-        if limits is not None:
-            limits.restore_original_limits()
+        limits.close()
 
     return (torch.get_num_threads() if torch else None), note, restore
 

@@ -332,21 +332,30 @@ def conv2d_backward_fast(
 PARALLEL_TILES = True  # False: one thread runs the tiles and BLAS threads each product
 MIN_PARALLEL_BYTES = 2**20  # below this much workspace in all, one thread does it all
 
-_BLAS: list | None = None  # threadpoolctl's controllers of the BLAS libraries
+_BLAS = (
+    None  # threadpoolctl's controller of the BLAS libraries, once made (False: none)
+)
 
 
-def _blas_libraries() -> list:
-    """The BLAS libraries loaded in this process, as threadpoolctl controllers that
-    read and set their thread counts (`[]` without threadpoolctl)."""
+def _blas_controller():
+    """threadpoolctl's controller of the BLAS libraries loaded in this process (None
+    without threadpoolctl)."""
     global _BLAS
     if _BLAS is None:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:
-            _BLAS = []
+            _BLAS = False
         else:
-            _BLAS = ThreadpoolController().select(user_api="blas").lib_controllers
-    return _BLAS
+            _BLAS = ThreadpoolController().select(user_api="blas")
+    return _BLAS or None
+
+
+def _blas_libraries() -> list:
+    """The BLAS libraries loaded in this process, as threadpoolctl controllers that
+    read their thread counts (`[]` without threadpoolctl)."""
+    controller = _blas_controller()
+    return controller.lib_controllers if controller is not None else []
 
 
 def _cores() -> int:
@@ -369,16 +378,19 @@ def tile_threads() -> int:
 # %% ../book/08_fast.ipynb #2c0b202f
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread inside the block, its thread counts restored after it."""
-    libs = _blas_libraries()
-    before = [lib.get_num_threads() for lib in libs]
-    for lib in libs:
-        lib.set_num_threads(1)
-    try:
+    """BLAS on one thread inside the block, its thread counts restored after it.
+
+    Through threadpoolctl's limiter: OpenBLAS's thread pool is shared by the whole
+    process, so threadpoolctl lets one thread at a time set its size, and the limiter
+    hands that control back when the block ends. Setting the count directly would keep
+    control in this thread for good, and a later pin from another thread (each
+    notebook that nbdev-test runs has its own) would silently do nothing."""
+    controller = _blas_controller()
+    if controller is None:
         yield
-    finally:
-        for lib, n in zip(libs, before):
-            lib.set_num_threads(n)
+        return
+    with controller.limit(limits=1):
+        yield
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool), once made

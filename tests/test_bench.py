@@ -475,3 +475,44 @@ def test_run_train_step_report(restore_threads):
     assert max(len(line) for line in text.splitlines()) <= 88
     with pytest.raises(ValueError, match="batch"):
         bench.run_train_step(batch=0)
+
+
+def _blas_threads() -> list[int]:
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_a_pin_holds_after_another_thread_pinned_or_tiled():
+    """OpenBLAS's thread pool is shared by the process, and threadpoolctl lets one thread
+    at a time set its size. nbdev-test runs each notebook's cells in a thread of its own,
+    which stays alive: a pin or a tiled conv2d in one of them must hand control back, or
+    a later `pinned_threads(1)` from another thread silently leaves BLAS on every core
+    (the chapter-8 workspace measurement then saw two threads' tiles)."""
+    import threading
+
+    import convbook.fast as fast
+
+    if fast._cores() < 2 or max(_blas_threads(), default=1) < 2:
+        pytest.skip("needs 2 cores and an OpenBLAS that may use 2 threads")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 16, 16, 16)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    ran, finish = threading.Event(), threading.Event()
+
+    def other_notebook():
+        with bench.pinned_threads(2):
+            assert fast.tile_threads() == 2  # the tiles are shared out to 2 threads
+            conv2d(x, w, padding=1, method="fast")
+        conv2d(x, w, padding=1, method="fast")
+        ran.set()
+        finish.wait(60)
+
+    thread = threading.Thread(target=other_notebook, daemon=True)
+    thread.start()
+    try:
+        assert ran.wait(60)
+        with bench.pinned_threads(1) as note:
+            assert _blas_threads() == [1] * len(_blas_threads()), note
+            assert fast.tile_threads() == 1
+    finally:
+        finish.set()
+        thread.join()
