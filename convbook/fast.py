@@ -332,9 +332,7 @@ def conv2d_backward_fast(
 PARALLEL_TILES = True  # False: one thread runs the tiles and BLAS threads each product
 MIN_PARALLEL_BYTES = 2**20  # below this much workspace in all, one thread does it all
 
-_BLAS = (
-    None  # threadpoolctl's controller of the BLAS libraries, once made (False: none)
-)
+_BLAS = None  # threadpoolctl's controller of the BLAS libraries (False: none)
 
 
 def _blas_controller():
