@@ -852,6 +852,78 @@ function_exercise(
 )
 
 
+# %% ../book/A1_exercises.ipynb #53eff7e1
+def _depthwise_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    w = _normal(rng, (*s["kernel"], 1, s["c_out"]), s["dtype"])
+    return {**_image(s, rng), "w": w}
+
+
+def _depthwise_channels(s: Setup) -> dict[str, str]:
+    """`{"channels": ...}`: one input channel, or several read by one output each, or
+    by m >= 2 outputs each."""
+    if s["c_in"] == 1:
+        label = "one input channel"
+    elif s["c_out"] == s["c_in"]:
+        label = "several input channels and C_out = C_in"
+    else:
+        label = "several input channels and C_out = m*C_in with m >= 2"
+    return {"channels": label}
+
+
+def _random_depthwise_setup(rng: np.random.Generator) -> Setup:
+    """A random convolution with C_in in 1..3 and C_out = m*C_in, m in 1..3."""
+    s = random_conv_setup(rng)
+    del s["bias"]
+    s["c_in"] = int(rng.integers(1, 4))
+    s["c_out"] = s["c_in"] * int(rng.integers(1, 4))
+    return s
+
+
+function_exercise(
+    lambda s: ([Arg("x"), Arg("w")], _conv_keywords(s)),
+    name="ch3a.depthwise",
+    title="A depthwise convolution by windows and one np.einsum",
+    difficulty=2,
+    signature="my_depthwise_conv2d(x, w, *, stride=1, padding=0, dilation=1) -> y",
+    statement=(
+        "Write my_depthwise_conv2d(x, w, stride=, padding=, dilation=), PyTorch's "
+        "F.conv2d(..., groups=C_in) for x NHWC (N, H, W, C_in) and w (KH, KW, 1, "
+        "C_out), where C_out = m*C_in for a channel multiplier m >= 1: every input "
+        "channel is convolved on its own with m kernels, and output channel o reads "
+        "input channel o // m only: y[n, i, j, o] = sum over a, b of xpad[n, i*sh + "
+        "a*dh, j*sw + b*dw, o // m] * w[a, b, 0, o]. The padding is zeros (an int or a "
+        "(height, width) pair). Take the windows of the padded x (convbook.windows."
+        "windows may be used), split w's output axis into (C_in, m), and contract in "
+        "one np.einsum. Return (N, H_out, W_out, C_out) in the dtype of the inputs. "
+        "Checked against F.conv2d with groups=C_in."
+    ),
+    stub='''def my_depthwise_conv2d(x, w, *, stride=1, padding=0, dilation=1):
+    """F.conv2d(..., groups=C_in) for x (N, H, W, C_in) and w (KH, KW, 1, C_out),
+    C_out = m*C_in: output channel o reads input channel o // m. Returns
+    (N, H_out, W_out, C_out)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_depthwise_make,
+    reference=lambda a, s: (conv2d(a["x"], a["w"], groups=s["c_in"], **_geometry(s)),),
+    features=lambda s: {**conv_features(s), **_depthwise_channels(s)},
+    random_setup=_random_depthwise_setup,
+    hints={
+        "several input channels and C_out = C_in": "A depthwise convolution never "
+        "mixes channels: it sums over the kernel taps (a, b) only, and output channel "
+        "o reads input channel o // m alone. Keep the channel letter on both sides "
+        'of the einsum ("nijabc,abcm->nijcm"), do not sum it.',
+        "several input channels and C_out = m*C_in with m >= 2": "The m outputs of "
+        "input channel c are c*m, c*m + 1, ..., c*m + m - 1 (PyTorch's groups are "
+        "contiguous blocks): split w as w.reshape(KH, KW, C_in, m), not (KH, KW, m, "
+        "C_in), and flatten the result's (C_in, m) axes in that order.",
+        "padding": "Pad x with zeros before taking windows: np.pad(x, ((0, 0), (ph, "
+        "ph), (pw, pw), (0, 0))).",
+    },
+)
+
+
 # %% ../book/A1_exercises.ipynb #2a421932
 def _im2col_arguments(s: Setup) -> Arguments:
     return [Arg("x"), _int_or_pair(s["kernel"])], _conv_keywords(s)

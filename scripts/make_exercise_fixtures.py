@@ -112,6 +112,25 @@ POOLS = [
     pool(hw=(5, 5), stride=(1, 1), ties=True),
     pool(n=2, hw=(7, 8), c_in=3, kernel=(3, 3), stride=(2, 2), padding=(1, 1)),
 ]
+# Depthwise: C_out = m*C_in, one feature at a time, then everything at once.
+DEPTHWISE = [
+    {k: v for k, v in conv(**changes).items() if k != "bias"}
+    for changes in [
+        dict(),
+        dict(c_in=3, c_out=3),
+        dict(c_out=2),
+        dict(c_in=3, c_out=6),
+        dict(hw=(4, 4), kernel=(1, 1), c_in=2, c_out=2),
+        dict(hw=(7, 7), stride=(2, 2), c_in=2, c_out=6),
+        dict(hw=(7, 7), dilation=(2, 2), c_in=2, c_out=4),
+        dict(padding=(1, 1), c_in=3, c_out=3),
+        dict(hw=(6, 5), kernel=(3, 2), stride=(2, 1), padding=(1, 0), c_in=2, c_out=4),
+        dict(n=3, c_in=2, c_out=2),
+        dict(c_in=2, c_out=4, contiguous=False),
+        dict(c_in=3, c_out=6, dtype="float32"),
+        dict(MIXED, c_out=6, padding=(1, 2), contiguous=False),
+    ]
+]
 LINEARS = [
     LINEAR,
     {**LINEAR, "n": 4},
@@ -125,6 +144,7 @@ SETUPS = {
     "ch3.conv2d_einsum": UNPADDED
     + PADDED
     + [conv(bias=True), PADDED[-1] | {"bias": True}],
+    "ch3a.depthwise": DEPTHWISE,
     "ch4.im2col": UNPADDED + PADDED,
     "ch5.col2im": UNPADDED + PADDED + APART,
     "ch5.conv2d_backward": UNPADDED + PADDED,
@@ -161,6 +181,11 @@ def torch_conv2d(a: dict, s: dict) -> tuple:
     b = t(a["b"]) if "b" in a else None
     y = F.conv2d(t_nchw(a["x"]), t(hwio_to_oihw(a["w"])), b, **geometry(s))
     return (nhwc(y),)
+
+
+def torch_depthwise(a: dict, s: dict) -> tuple:
+    w = t(hwio_to_oihw(a["w"]))  # (C_out, 1, KH, KW)
+    return (nhwc(F.conv2d(t_nchw(a["x"]), w, groups=s["c_in"], **geometry(s))),)
 
 
 def torch_im2col(a: dict, s: dict) -> tuple:
@@ -211,6 +236,7 @@ def torch_linear(a: dict, s: dict) -> tuple:
 REFERENCES = {
     "ch2.windows_nchw": torch_windows_nchw,
     "ch3.conv2d_einsum": torch_conv2d,
+    "ch3a.depthwise": torch_depthwise,
     "ch4.im2col": torch_im2col,
     "ch5.col2im": torch_col2im,
     "ch5.conv2d_backward": torch_conv2d_grads,

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = [
     "ch2.windows_nchw",
     "ch3.conv2d_einsum",
+    "ch3a.depthwise",
     "ch4.im2col",
     "ch5.col2im",
     "ch5.conv2d_backward",
@@ -83,6 +84,19 @@ def conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1):
     v = np.lib.stride_tricks.sliding_window_view(pad(x, padding), span, axis=(1, 2))
     y = np.einsum("nijcab,abco->nijo", v[:, ::sh, ::sw, :, ::dh, ::dw], w)
     return y if b is None else y + b
+
+
+def depthwise(x, w, *, stride=1, padding=0, dilation=1):
+    """Output channel o from input channel o // m, window by window."""
+    xp, m = pad(x, padding), w.shape[3] // x.shape[3]
+    ho, wo = out_hw(x.shape[1:3], w.shape[:2], stride, padding, dilation)
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]), x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            win = window(xp, i, j, w.shape[:2], stride, dilation)  # (N, KH, KW, C_in)
+            for o in range(w.shape[3]):
+                y[:, i, j, o] = (win[..., o // m] * w[:, :, 0, o]).sum(axis=(1, 2))
+    return y
 
 
 def im2col(x, kernel, *, stride=1, padding=0, dilation=1):
@@ -179,6 +193,7 @@ class Linear:
 SOLUTIONS = {
     "ch2.windows_nchw": windows_nchw,
     "ch3.conv2d_einsum": conv2d_einsum,
+    "ch3a.depthwise": depthwise,
     "ch4.im2col": im2col,
     "ch5.col2im": col2im,
     "ch5.conv2d_backward": conv2d_backward,
@@ -233,6 +248,21 @@ def conv2d_mutates(x, w, b=None, **kw):
     y = conv2d_einsum(x, w, b, **kw)
     x[0, 0, 0, 0] = 0.0  # "cleaning up" the caller's array
     return y
+
+
+def depthwise_mixes_channels(x, w, **kw):
+    """Every output channel reads every input channel, as a full convolution would."""
+    full = np.broadcast_to(w, (*w.shape[:2], x.shape[3], w.shape[3]))
+    return conv2d_einsum(x, full, **kw)
+
+
+def depthwise_order_swapped(x, w, **kw):
+    """Output channel o from input channel o % C_in: the (m, C_in) order, not PyTorch's
+    (C_in, m)."""
+    c, m = x.shape[3], w.shape[3] // x.shape[3]
+    mine = w[:, :, 0].reshape(*w.shape[:2], m, c).transpose(0, 1, 3, 2)
+    y = depthwise(x, mine.reshape(*w.shape[:2], 1, c * m), **kw)  # (C_in, m) order
+    return y.reshape(*y.shape[:3], c, m).transpose(0, 1, 2, 4, 3).reshape(y.shape)
 
 
 def im2col_channels_first(x, kernel, **kw):
@@ -411,6 +441,25 @@ WRONG = [
         "ch3.conv2d_einsum",
         conv2d_mutates,
         ["mutates its input x", "at index (0, 0, 0, 0)"],
+    ),
+    (
+        "ch3a.depthwise",
+        depthwise_mixes_channels,
+        [
+            "wrong values",
+            "passes the cases with one input channel but fails",
+            "never mixes channels",
+        ],
+    ),
+    (
+        "ch3a.depthwise",
+        depthwise_order_swapped,
+        [
+            "wrong values",
+            "but fails",
+            "with several input channels and C_out = m*C_in with m >= 2",
+            "w.reshape(KH, KW, C_in, m)",
+        ],
     ),
     (
         "ch4.im2col",
