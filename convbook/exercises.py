@@ -1365,3 +1365,79 @@ _register(
         labels={"w": "params['w']", "b": "params['b']"},
     )
 )
+
+
+# %% ../book/A1_exercises.ipynb #93069b5f
+def _tile_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    g = rng.standard_normal((3, 3, s["c_in"], s["c_out"]))
+    if s["symmetric"]:
+        g = (g + g[::-1, ::-1]) / 2  # unchanged by a rotation of 180 degrees
+    d = _normal(rng, (4, 4, s["c_in"]), s["dtype"])
+    return {"d": d, "g": g.astype(s["dtype"])}
+
+
+def _tile_features(s: Setup) -> dict[str, str]:
+    return {
+        "kernel": "kernels unchanged by a 180° rotation (g[::-1, ::-1] = g)"
+        if s["symmetric"]
+        else "general kernels",
+        "c_in": "one input channel" if s["c_in"] == 1 else "several input channels",
+        "c_out": "one output channel" if s["c_out"] == 1 else "several output channels",
+        "layout": "contiguous inputs" if s["contiguous"] else "non-contiguous inputs",
+        "dtype": s["dtype"],
+    }
+
+
+def _random_tile_setup(rng: np.random.Generator) -> Setup:
+    """Channels 1..4 in and 1..3 out, sometimes a symmetric kernel."""
+    return dict(
+        c_in=int(rng.integers(1, 5)),
+        c_out=int(rng.integers(1, 4)),
+        symmetric=bool(rng.random() < 0.3),
+        dtype="float32" if rng.random() < 0.25 else "float64",
+        contiguous=bool(rng.random() < 0.75),
+    )
+
+
+function_exercise(
+    lambda s: ([Arg("d"), Arg("g")], {}),
+    name="ch9.winograd_tile",
+    title="Winograd's F(2×2, 3×3) on one tile with channels",
+    difficulty=2,
+    signature="my_winograd_tile(d, g) -> y",
+    statement=(
+        "Write my_winograd_tile(d, g): the 2×2 outputs of the convolution (PyTorch's "
+        "conv2d, a cross-correlation) of one 4×4 tile d (4, 4, C_in) with a kernel g "
+        "(3, 3, C_in, C_out), computed the way of chapter 9: Y[:, :, o] = AT @ M @ "
+        "AT.T with M = the sum over c of (G @ g[:, :, c, o] @ G.T) * (BT @ d[:, :, c] "
+        "@ BT.T), 16 products per channel pair instead of 36. AT (2, 4), G (4, 3) and "
+        "BT (4, 4) are the matrices of F(2, 3), convbook.winograd.WINOGRAD[2] (or "
+        "toom_cook(2)). Return y (2, 2, C_out) in the dtype of the inputs: the "
+        "matrices are float64, so a float32 tile needs float32 matrices. Checked "
+        "against F.conv2d on the tile."
+    ),
+    stub='''def my_winograd_tile(d, g):
+    """The 2x2 outputs (2, 2, C_out) of conv2d of one tile d (4, 4, C_in) with g
+    (3, 3, C_in, C_out) by Winograd's F(2x2, 3x3): AT [sum_c (G g G^T) * (BT d B)] A."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_tile_make,
+    reference=lambda a, s: (conv2d(a["d"][None], a["g"])[0],),
+    features=_tile_features,
+    random_setup=_random_tile_setup,
+    hints={
+        "values": "The data transform is B^T d B: BT @ d @ BT.T (BT is B^T); the "
+        "kernel transform is G g G^T: G @ g @ G.T; the output is AT @ M @ AT.T. Check "
+        "each matrix's orientation against the chapter's one-tile formula.",
+        "general kernels": "PyTorch's conv2d is a cross-correlation and toom_cook's "
+        "F(2, 3) computes one too: transform g as it is, without rotating it by 180 "
+        "degrees (g[::-1, ::-1] makes a true convolution).",
+        "several input channels": "M sums the products over the input channels "
+        "before the output transform: np.einsum('abc,abco->abo', V, U) for the "
+        "transformed tile V (4, 4, C_in) and kernel U (4, 4, C_in, C_out).",
+        "float32": "The matrices of WINOGRAD[2] are float64, and a float64 matrix "
+        "times a float32 tile is float64: cast them with .astype(d.dtype) first.",
+    },
+)

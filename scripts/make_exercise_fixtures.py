@@ -139,6 +139,21 @@ LINEARS = [
     {**LINEAR, "n": 2, "dtype": "float32"},
     {**LINEAR, "n": 5, "n_in": 6, "n_out": 4},
 ]
+TILE = dict(c_in=1, c_out=1, symmetric=False, dtype="float64", contiguous=True)
+TILES = [
+    TILE | changes
+    for changes in [
+        dict(),
+        dict(symmetric=True),
+        dict(c_in=3),
+        dict(c_out=2),
+        dict(c_in=3, c_out=2),
+        dict(c_in=2, c_out=3, symmetric=True),
+        dict(c_in=3, c_out=2, contiguous=False),
+        dict(c_in=3, c_out=2, dtype="float32"),
+        dict(c_in=4, c_out=3, symmetric=True, dtype="float32", contiguous=False),
+    ]
+]
 SETUPS = {
     "ch2.windows_nchw": UNPADDED,
     "ch3.conv2d_einsum": UNPADDED
@@ -151,6 +166,7 @@ SETUPS = {
     "ch5b.max_pool2d_backward": POOLS,
     "ch6.input_grad": UNPADDED + PADDED,
     "ch7b.linear": LINEARS,
+    "ch9.winograd_tile": TILES,
 }
 
 
@@ -233,6 +249,12 @@ def torch_linear(a: dict, s: dict) -> tuple:
     return y.detach().numpy(), x.grad.numpy(), w.grad.numpy(), b.grad.numpy()
 
 
+def torch_winograd_tile(a: dict, s: dict) -> tuple:
+    d = t(a["d"].transpose(2, 0, 1)[None])  # (1, C_in, 4, 4)
+    y = F.conv2d(d, t(hwio_to_oihw(a["g"])))  # (1, C_out, 2, 2)
+    return (y[0].permute(1, 2, 0).numpy(),)
+
+
 REFERENCES = {
     "ch2.windows_nchw": torch_windows_nchw,
     "ch3.conv2d_einsum": torch_conv2d,
@@ -243,6 +265,7 @@ REFERENCES = {
     "ch5b.max_pool2d_backward": torch_max_pool2d_grad,
     "ch6.input_grad": torch_input_grad,
     "ch7b.linear": torch_linear,
+    "ch9.winograd_tile": torch_winograd_tile,
 }
 
 

@@ -33,6 +33,7 @@ NAMES = [
     "ch5b.max_pool2d_backward",
     "ch6.input_grad",
     "ch7b.linear",
+    "ch9.winograd_tile",
 ]
 as_strided = np.lib.stride_tricks.as_strided
 
@@ -190,6 +191,34 @@ class Linear:
         return dy @ self.params["w"].T
 
 
+# Lavin and Gray's matrices of F(2, 3), typed in (the package builds its own, from other
+# points, by toom_cook): any correct set passes.
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_BT = np.array(
+    [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float
+)
+
+
+def winograd_tile(
+    d, g, *, flip=False, data=lambda bt, tile: bt @ tile @ bt.T, cast=True
+):
+    """Y = AT [sum_c (G g G^T) * (BT d B)] A, one channel pair at a time."""
+    at, gm, bt = (
+        m.astype(d.dtype) if cast else m for m in (WINOGRAD_AT, WINOGRAD_G, WINOGRAD_BT)
+    )
+    c_in, c_out = g.shape[2:]
+    y = []
+    for o in range(c_out):
+        m = sum(
+            (gm @ (g[::-1, ::-1] if flip else g)[:, :, c, o] @ gm.T)
+            * data(bt, d[:, :, c])
+            for c in range(c_in)
+        )
+        y.append(at @ m @ at.T)
+    return np.stack(y, axis=-1)
+
+
 SOLUTIONS = {
     "ch2.windows_nchw": windows_nchw,
     "ch3.conv2d_einsum": conv2d_einsum,
@@ -200,6 +229,7 @@ SOLUTIONS = {
     "ch5b.max_pool2d_backward": max_pool2d_backward,
     "ch6.input_grad": input_grad,
     "ch7b.linear": Linear,
+    "ch9.winograd_tile": winograd_tile,
 }
 
 
@@ -407,6 +437,20 @@ class LinearOwnWeights(Linear):
         return x @ self.w + self.params["b"]
 
 
+def winograd_rotated(d, g):
+    """The kernel rotated by 180 degrees: a true convolution, not PyTorch's."""
+    return winograd_tile(d, g, flip=True)
+
+
+def winograd_data_transposed(d, g):
+    """B d B^T in place of B^T d B: BT taken for B."""
+    return winograd_tile(d, g, data=lambda bt, tile: bt.T @ tile @ bt)
+
+
+def winograd_float64_matrices(d, g):
+    return winograd_tile(d, g, cast=False)
+
+
 # (exercise, wrong function, words the message must contain)
 WRONG = [
     ("ch2.windows_nchw", windows_copy, ["is a copy", "view of x", "as_strided"]),
@@ -558,6 +602,27 @@ WRONG = [
         "ch7b.linear",
         LinearOwnWeights,
         ["y (from forward) has wrong values", "self.params"],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_rotated,
+        [
+            "wrong values",
+            "passes the cases with kernels unchanged by a 180° rotation",
+            "but fails",
+            "with general kernels",
+            "cross-correlation",
+        ],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_data_transposed,
+        ["wrong values", "BT @ d @ BT.T"],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_float64_matrices,
+        ["wrong dtype: expected float32", "got float64", ".astype(d.dtype)"],
     ),
 ]
 
