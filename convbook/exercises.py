@@ -262,7 +262,8 @@ _NOT_READER = (
 
 
 def raised(error: Exception) -> Failure:
-    """A `Failure` for an exception of the reader's code, with the line it came from."""
+    """A `Failure` for an exception of the reader's code, with the line it came from;
+    its tags name the exception's class, so that an exercise can give a hint for it."""
     if isinstance(error, NotImplementedError):
         text = (
             "it raises NotImplementedError: replace the stub's `raise "
@@ -277,7 +278,7 @@ def raised(error: Exception) -> Failure:
         f"it raised {type(error).__name__}: {error} (in {frame.name}, line "
         f"{frame.lineno}{line})"
     )
-    return Failure(text, ("raised",))
+    return Failure(text, ("raised", type(error).__name__))
 
 
 # %% ../book/A1_exercises.ipynb #8c64f01b
@@ -1364,6 +1365,79 @@ _register(
         },
         labels={"w": "params['w']", "b": "params['b']"},
     )
+)
+
+
+# %% ../book/A1_exercises.ipynb #c6a9b82e
+def _bands_label(s: Setup) -> dict[str, str]:
+    """`{"bands": ...}`: one band, bands of equal height, or a shorter last band."""
+    ho, rows = _conv_out(s)[0], s["rows"]
+    if rows >= ho:
+        label = "one band (rows >= H_out)"
+    elif ho % rows == 0:
+        label = "bands of equal height (rows divides H_out)"
+    else:
+        label = "a last band shorter than the others"
+    return {"bands": label}
+
+
+_BAND_ROWS = (
+    "Output rows [r0, r1) read the (r1-r0-1)*sh + dh*(KH-1) + 1 padded input rows "
+    "from r0*sh on: consecutive bands share dh*(KH-1) + 1 - sh of them."
+)
+
+
+def _random_banded_setup(rng: np.random.Generator) -> Setup:
+    """A random convolution without bias and a band height from 1 to H_out + 1."""
+    s = {**random_conv_setup(rng), "bias": False}
+    return {**s, "rows": int(rng.integers(1, _conv_out(s)[0] + 2))}
+
+
+function_exercise(
+    lambda s: ([Arg("x"), Arg("w")], {**_conv_keywords(s), "rows": s["rows"]}),
+    name="ch8.conv2d_banded",
+    title="A convolution in bands of output rows",
+    difficulty=2,
+    signature="my_conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows) -> y",
+    statement=(
+        "Write my_conv2d_banded(x, w, stride=, padding=, dilation=, rows=): the "
+        "convolution of chapter 3 (x NHWC (N, H, W, C_in), w HWIO (KH, KW, C_in, "
+        "C_out), zero padding an int or a (height, width) pair) computed as chapter 8 "
+        "tiles it, in bands of `rows` output rows, so that the workspace holds one "
+        "band and not the whole padded input. Output rows [r0, r1) read the "
+        "(r1-r0-1)*sh + dh*(KH-1) + 1 rows of the padded input that start at row "
+        "r0*sh; the last band has H_out - r0 rows, fewer than `rows` when `rows` does "
+        "not divide H_out. Convolve each band's rows (padding them on their own, or "
+        "slicing a padded x), and put the bands together. Return (N, H_out, W_out, "
+        "C_out) in the dtype of the inputs: equal to F.conv2d for every band height, "
+        "which is what the check compares (it sees only the result, not how much "
+        "memory a band took)."
+    ),
+    stub='''def my_conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows):
+    """conv2d of x (N, H, W, C_in) with w (KH, KW, C_in, C_out), computed band by band
+    of `rows` output rows; returns y (N, H_out, W_out, C_out)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_conv2d_make,
+    reference=_conv2d_reference,
+    features=lambda s: {**conv_features(s), **_bands_label(s)},
+    random_setup=_random_banded_setup,
+    hints={
+        "a last band shorter than the others": "When rows does not divide H_out, the "
+        "last band has H_out % rows rows: start the bands at range(0, H_out, rows) and "
+        "end each at min(r0 + rows, H_out).",
+        "bands of equal height (rows divides H_out)": "Each band must give exactly "
+        "r1 - r0 output rows. " + _BAND_ROWS,
+        "stride 2 or more": "Output row r reads padded input rows from r*sh on: the "
+        "band of output rows [r0, r1) starts at input row r0*sh, not at r0.",
+        "shape": "y has H_out = (H + 2*ph - dh*(KH-1) - 1) // sh + 1 rows. "
+        + _BAND_ROWS,
+        "ValueError": "If the error is about shapes (a broadcast, or a window larger "
+        "than its input), a band's input slice has the wrong number of rows. "
+        + _BAND_ROWS,
+    },
 )
 
 

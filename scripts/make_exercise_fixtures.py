@@ -139,6 +139,26 @@ LINEARS = [
     {**LINEAR, "n": 2, "dtype": "float32"},
     {**LINEAR, "n": 5, "n_in": 6, "n_out": 4},
 ]
+# Bands of `rows` output rows: one band, bands of equal height, a shorter last band, with
+# each feature of a convolution (H_out is 3 unless said).
+BANDS = [
+    conv(rows=1),
+    conv(rows=2),
+    conv(rows=3),
+    conv(rows=5),
+    conv(hw=(4, 4), kernel=(1, 1), rows=3),  # H_out 4
+    conv(hw=(7, 7), stride=(2, 2), rows=2),
+    conv(hw=(8, 8), stride=(2, 2), rows=1),
+    conv(hw=(9, 9), stride=(2, 2), rows=2),  # H_out 4
+    conv(hw=(9, 9), dilation=(2, 2), rows=2),  # H_out 5
+    conv(padding=(1, 1), rows=2),  # H_out 5
+    conv(hw=(6, 5), kernel=(3, 2), stride=(2, 1), padding=(1, 0), rows=2),
+    conv(c_in=3, c_out=2, rows=2),
+    conv(n=3, rows=1),
+    conv(contiguous=False, rows=2),
+    conv(dtype="float32", rows=1),
+    conv(**MIXED, padding=(1, 2), dtype="float32", contiguous=False, rows=2),
+]
 TILE = dict(c_in=1, c_out=1, symmetric=False, dtype="float64", contiguous=True)
 TILES = [
     TILE | changes
@@ -166,6 +186,7 @@ SETUPS = {
     "ch5b.max_pool2d_backward": POOLS,
     "ch6.input_grad": UNPADDED + PADDED,
     "ch7b.linear": LINEARS,
+    "ch8.conv2d_banded": BANDS,
     "ch9.winograd_tile": TILES,
 }
 
@@ -265,6 +286,7 @@ REFERENCES = {
     "ch5b.max_pool2d_backward": torch_max_pool2d_grad,
     "ch6.input_grad": torch_input_grad,
     "ch7b.linear": torch_linear,
+    "ch8.conv2d_banded": torch_conv2d,
     "ch9.winograd_tile": torch_winograd_tile,
 }
 

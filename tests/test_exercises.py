@@ -33,6 +33,7 @@ NAMES = [
     "ch5b.max_pool2d_backward",
     "ch6.input_grad",
     "ch7b.linear",
+    "ch8.conv2d_banded",
     "ch9.winograd_tile",
 ]
 as_strided = np.lib.stride_tricks.as_strided
@@ -191,6 +192,27 @@ class Linear:
         return dy @ self.params["w"].T
 
 
+def conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows, **mistakes):
+    """Band by band of `rows` output rows, each from its own zero-padded input rows."""
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    h, geometry = x.shape[1], dict(stride=(sh, sw), padding=(0, pw), dilation=(dh, dw))
+    ho, wo = out_hw(x.shape[1:3], w.shape[:2], stride, padding, dilation)
+    start = mistakes.get("start", lambda r0: r0 * sh)  # its first padded input row
+    extra = mistakes.get("extra", 1)  # (r1 - r0 - 1)*sh + dh*(KH-1) + extra rows
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]), x.dtype)
+    for r0 in range(0, mistakes.get("end", ho), rows):
+        r1 = min(r0 + rows, ho)
+        top = start(r0) - ph  # in x's rows: negative above the image
+        count = (r1 - r0 - 1) * sh + dh * (w.shape[0] - 1) + extra
+        above = min(max(-top, 0), count)  # zero rows above the image
+        lo = min(max(top, 0), h)
+        hi = max(min(top + count, h), lo)  # rows [lo, hi) of x, maybe none
+        below = count - above - (hi - lo)
+        band = np.pad(x[:, lo:hi], ((0, 0), (above, below), (0, 0), (0, 0)))
+        y[:, r0:r1] = conv2d_einsum(band, w, **geometry)
+    return y
+
+
 # Lavin and Gray's matrices of F(2, 3), typed in (the package builds its own, from other
 # points, by toom_cook): any correct set passes.
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
@@ -229,6 +251,7 @@ SOLUTIONS = {
     "ch5b.max_pool2d_backward": max_pool2d_backward,
     "ch6.input_grad": input_grad,
     "ch7b.linear": Linear,
+    "ch8.conv2d_banded": conv2d_banded,
     "ch9.winograd_tile": winograd_tile,
 }
 
@@ -437,6 +460,25 @@ class LinearOwnWeights(Linear):
         return x @ self.w + self.params["b"]
 
 
+def banded_one_row_short(x, w, **kw):
+    """Each band's input slice one row short: consecutive bands overlap one row too few."""
+    return conv2d_banded(x, w, extra=0, **kw)
+
+
+def banded_stride_ignored(x, w, *, stride=1, rows, **kw):
+    """Band r0 read from input row r0, as if the stride were 1."""
+    return conv2d_banded(x, w, stride=stride, rows=rows, start=lambda r0: r0, **kw)
+
+
+def banded_no_short_band(x, w, *, stride=1, padding=0, dilation=1, rows):
+    """H_out // rows bands: a last, shorter band is never computed."""
+    ho = out_len(
+        x.shape[1], w.shape[0], pair(stride)[0], pair(padding)[0], pair(dilation)[0]
+    )
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, rows=rows)
+    return conv2d_banded(x, w, end=max(ho // rows, 1) * rows, **geometry)
+
+
 def winograd_rotated(d, g):
     """The kernel rotated by 180 degrees: a true convolution, not PyTorch's."""
     return winograd_tile(d, g, flip=True)
@@ -602,6 +644,31 @@ WRONG = [
         "ch7b.linear",
         LinearOwnWeights,
         ["y (from forward) has wrong values", "self.params"],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_one_row_short,
+        ["it raised ValueError", "(r1-r0-1)*sh + dh*(KH-1) + 1 padded input rows"],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_stride_ignored,
+        [
+            "wrong values",
+            "passes the cases with stride 1 but fails",
+            "with stride 2 or more",
+            "starts at input row r0*sh",
+        ],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_no_short_band,
+        [
+            "wrong values",
+            "but fails",
+            "with a last band shorter than the others",
+            "range(0, H_out, rows)",
+        ],
     ),
     (
         "ch9.winograd_tile",
