@@ -21,7 +21,7 @@ import numpy as np
 from .backward import col2im, conv2d_backward
 from .conv import conv2d
 from .im2col import im2col, im2col_indices
-from .layers import Linear
+from .layers import SGD, Linear
 from .pool import max_pool2d_backward, pool_out_size
 from .transpose import conv_input_grad
 from .windows import out_size, windows
@@ -1244,6 +1244,98 @@ function_exercise(
         "d*(KH-1) - padding: the rotated kernel is dilated too.",
         "stride 2 or more": "Dilate dy by the stride first: stride - 1 zeros between "
         "its rows and between its columns.",
+    },
+)
+
+
+# %% ../book/A1_exercises.ipynb #0e2dc114
+def _sgd_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    shape, dtype = s["shape"], s["dtype"]
+    return {
+        "p": _normal(rng, shape, dtype),
+        "grads": _normal(rng, (s["steps"], *shape), dtype),
+    }
+
+
+def _sgd_reference(a: Arrays, s: Setup) -> tuple:
+    """Chapter 7b's SGD, its gradients plus `weight_decay * p` (PyTorch's coupled
+    weight decay), the parameter kept after every step."""
+    p = a["p"].copy()
+    opt, after = SGD({"p": p}, lr=s["lr"], momentum=s["momentum"]), []
+    for g in a["grads"]:
+        opt.step({"p": g + s["weight_decay"] * p})
+        after.append(p.copy())
+    return (np.stack(after),)
+
+
+def _sgd_features(s: Setup) -> dict[str, str]:
+    return {
+        "momentum": "momentum" if s["momentum"] else "no momentum",
+        "weight decay": "weight decay" if s["weight_decay"] else "no weight decay",
+        "steps": "one step" if s["steps"] == 1 else "several steps",
+        "layout": "contiguous inputs" if s["contiguous"] else "non-contiguous inputs",
+        "dtype": s["dtype"],
+    }
+
+
+def _random_sgd_setup(rng: np.random.Generator) -> Setup:
+    """1 to 5 steps on a parameter of 1 or 2 axes (2 when not C-contiguous)."""
+    contiguous = bool(rng.random() < 0.75)
+    ndim = 2 if not contiguous or rng.random() < 0.5 else 1
+    return dict(
+        shape=tuple(int(v) for v in rng.integers(2, 5, ndim)),
+        steps=int(rng.integers(1, 6)),
+        lr=float(rng.choice((0.01, 0.1, 0.5))),
+        momentum=float(rng.choice((0.0, 0.5, 0.9, 0.99))),
+        weight_decay=float(rng.choice((0.0, 0.0, 0.01, 0.1))),
+        dtype="float32" if rng.random() < 0.25 else "float64",
+        contiguous=contiguous,
+    )
+
+
+function_exercise(
+    lambda s: (
+        [Arg("p"), Arg("grads")],
+        {"lr": s["lr"], **{k: s[k] for k in ("momentum", "weight_decay") if s[k]}},
+    ),
+    name="ch7.sgd",
+    title="SGD with momentum and weight decay, as torch.optim.SGD",
+    difficulty=1,
+    signature="my_sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0) -> ps",
+    statement=(
+        "Write my_sgd(p, grads, lr=, momentum=, weight_decay=): the steps of "
+        "torch.optim.SGD(lr=, momentum=, weight_decay=) on one parameter p (any "
+        "shape), where grads (T, *p.shape) holds the gradient of each of T steps. At "
+        "step t, g = grads[t] + weight_decay * p (p as it is before the step); with "
+        "momentum, v = g at the first step and v = momentum * v + g after it, and g "
+        "= v; then p = p - lr * g. Return ps (T, *p.shape), the parameter after each "
+        "step, in the dtype of the inputs, and change neither p nor grads. Checked "
+        "against torch.optim.SGD (no dampening, no Nesterov)."
+    ),
+    stub='''def my_sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0):
+    """The parameter after each step of torch.optim.SGD from p, grads[t] (shaped like
+    p) being the gradient of step t: returns ps (T, *p.shape)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_sgd_make,
+    reference=_sgd_reference,
+    features=_sgd_features,
+    random_setup=_random_sgd_setup,
+    hints={
+        "momentum": "PyTorch's momentum adds the whole gradient: v = momentum * v + g "
+        "(v = g at the first step), then p -= lr * v. There is no (1 - momentum) "
+        "factor, as in an exponential average.",
+        "weight decay": "Weight decay is part of the gradient, added before the "
+        "momentum: g = grads[t] + weight_decay * p with p before the step, so the "
+        "velocity carries it too. It is not a separate step p -= lr * weight_decay * p "
+        "(that is AdamW's decoupled decay).",
+        "several steps": "Keep one velocity for all the steps and start each step from "
+        "the previous step's p; ps[t] is p after step t.",
+        "grads": "Do not add the weight decay into grads[t] in place (+=): the "
+        "gradients belong to the caller. g = grads[t] + weight_decay * p is a new "
+        "array.",
     },
 )
 

@@ -139,6 +139,38 @@ LINEARS = [
     {**LINEAR, "n": 2, "dtype": "float32"},
     {**LINEAR, "n": 5, "n_in": 6, "n_out": 4},
 ]
+SGD_STEPS = dict(
+    shape=(3,),
+    steps=1,
+    lr=0.1,
+    momentum=0.0,
+    weight_decay=0.0,
+    dtype="float64",
+    contiguous=True,
+)
+SGDS = [
+    SGD_STEPS | changes
+    for changes in [
+        dict(),
+        dict(steps=3),
+        dict(momentum=0.9),
+        dict(steps=4, momentum=0.9),
+        dict(steps=3, weight_decay=0.05),
+        dict(momentum=0.9, weight_decay=0.05),
+        dict(steps=4, momentum=0.9, weight_decay=0.05),
+        dict(shape=(3, 4), steps=3, momentum=0.5, weight_decay=0.1, contiguous=False),
+        dict(shape=(2, 3), steps=3, momentum=0.9, weight_decay=0.01, dtype="float32"),
+        dict(
+            shape=(4, 2),
+            steps=6,
+            lr=0.5,
+            momentum=0.99,
+            weight_decay=0.2,
+            dtype="float32",
+            contiguous=False,
+        ),
+    ]
+]
 # Bands of `rows` output rows: one band, bands of equal height, a shorter last band, with
 # each feature of a convolution (H_out is 3 unless said).
 BANDS = [
@@ -185,6 +217,7 @@ SETUPS = {
     "ch5.conv2d_backward": UNPADDED + PADDED,
     "ch5b.max_pool2d_backward": POOLS,
     "ch6.input_grad": UNPADDED + PADDED,
+    "ch7.sgd": SGDS,
     "ch7b.linear": LINEARS,
     "ch8.conv2d_banded": BANDS,
     "ch9.winograd_tile": TILES,
@@ -276,6 +309,19 @@ def torch_winograd_tile(a: dict, s: dict) -> tuple:
     return (y[0].permute(1, 2, 0).numpy(),)
 
 
+def torch_sgd(a: dict, s: dict) -> tuple:
+    p = torch.nn.Parameter(t(a["p"]).clone())
+    opt = torch.optim.SGD(
+        [p], lr=s["lr"], momentum=s["momentum"], weight_decay=s["weight_decay"]
+    )
+    after = []
+    for g in a["grads"]:
+        p.grad = t(g).clone()
+        opt.step()
+        after.append(p.detach().numpy().copy())
+    return (np.stack(after),)
+
+
 REFERENCES = {
     "ch2.windows_nchw": torch_windows_nchw,
     "ch3.conv2d_einsum": torch_conv2d,
@@ -285,6 +331,7 @@ REFERENCES = {
     "ch5.conv2d_backward": torch_conv2d_grads,
     "ch5b.max_pool2d_backward": torch_max_pool2d_grad,
     "ch6.input_grad": torch_input_grad,
+    "ch7.sgd": torch_sgd,
     "ch7b.linear": torch_linear,
     "ch8.conv2d_banded": torch_conv2d,
     "ch9.winograd_tile": torch_winograd_tile,

@@ -32,6 +32,7 @@ NAMES = [
     "ch5.conv2d_backward",
     "ch5b.max_pool2d_backward",
     "ch6.input_grad",
+    "ch7.sgd",
     "ch7b.linear",
     "ch8.conv2d_banded",
     "ch9.winograd_tile",
@@ -176,6 +177,22 @@ def input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1):
     return conv2d_einsum(d, w[::-1, ::-1].transpose(0, 1, 3, 2), dilation=dilation)
 
 
+def sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0, **mistakes):
+    """torch.optim.SGD's update, written out, step by step."""
+    p, v, ps = p.copy(), None, []
+    for grad in grads:
+        g = grad + weight_decay * p if not mistakes.get("decay_after") else grad.copy()
+        if momentum:
+            keep = (1 - momentum) if mistakes.get("average") else 1
+            v = g * keep if v is None else momentum * v + keep * g
+            g = v
+        if mistakes.get("decay_after"):
+            g = g + weight_decay * p
+        p = p - lr * g
+        ps.append(p)
+    return np.stack(ps)
+
+
 class Linear:
     def __init__(self, n_in, n_out, *, rng=None):
         rng = np.random.default_rng(0) if rng is None else rng
@@ -250,6 +267,7 @@ SOLUTIONS = {
     "ch5.conv2d_backward": conv2d_backward,
     "ch5b.max_pool2d_backward": max_pool2d_backward,
     "ch6.input_grad": input_grad,
+    "ch7.sgd": sgd,
     "ch7b.linear": Linear,
     "ch8.conv2d_banded": conv2d_banded,
     "ch9.winograd_tile": winograd_tile,
@@ -427,6 +445,27 @@ def input_grad_symmetric(dy, w, x_hw, *, stride=1, padding=0, dilation=1):
 
 def input_grad_not_rotated(dy, w, x_hw, **kw):
     return input_grad(dy, w[::-1, ::-1], x_hw, **kw)
+
+
+def sgd_decay_after_momentum(p, grads, **kw):
+    """Weight decay added after the velocity, so the velocity never carries it."""
+    return sgd(p, grads, decay_after=True, **kw)
+
+
+def sgd_average(p, grads, **kw):
+    """v = momentum * v + (1 - momentum) * g: an exponential average, not PyTorch's."""
+    return sgd(p, grads, average=True, **kw)
+
+
+def sgd_decay_in_place(p, grads, *, lr, momentum=0.0, weight_decay=0.0):
+    """The right steps, but the decay added into the caller's gradients (+=)."""
+    p, v, ps = p.copy(), None, []
+    for g in grads:
+        g += weight_decay * p  # g is a view of grads: the caller's array changes
+        v = g.copy() if v is None else momentum * v + g
+        p = p - lr * (v if momentum else g)
+        ps.append(p)
+    return np.stack(ps)
 
 
 class LinearDbAxis1(Linear):
@@ -625,6 +664,35 @@ WRONG = [
         ],
     ),
     ("ch6.input_grad", input_grad_not_rotated, ["wrong values", "Rotate the kernel"]),
+    (
+        "ch7.sgd",
+        sgd_decay_after_momentum,
+        [
+            "wrong values",
+            "passes the cases with no momentum",
+            "but fails",
+            "Weight decay is part of the gradient, added before the momentum",
+        ],
+    ),
+    (
+        "ch7.sgd",
+        sgd_average,
+        [
+            "wrong values",
+            "passes the cases with no momentum but fails",
+            "with momentum",
+            "no (1 - momentum) factor",
+        ],
+    ),
+    (
+        "ch7.sgd",
+        sgd_decay_in_place,
+        [
+            "mutates its input grads",
+            "passes the cases with no weight decay",
+            "in place",
+        ],
+    ),
     (
         "ch7b.linear",
         LinearDbAxis1,
