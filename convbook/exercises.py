@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import textwrap
 import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from .backward import col2im, conv2d_backward
 from .conv import conv2d
+from .data import read_idx
 from .im2col import im2col, im2col_indices
 from .layers import SGD, Linear
 from .pool import max_pool2d_backward, pool_out_size
@@ -110,6 +113,8 @@ class Exercise:
     hints: Mapping[str, str] = field(default_factory=dict)
     inspect: Optional[Callable[[tuple, Arrays], Optional[Failure]]] = None
     labels: Mapping[str, str] = field(default_factory=dict)  # array name -> shown name
+    fixed_source: str = "PyTorch"  # what computed the stored expected results
+    dtype_reason: str = "the dtype of the inputs"  # why the outputs have `dtype`
 
     @property
     def chapter(self) -> str:
@@ -210,9 +215,15 @@ def _wrong_values(
 
 
 def compare(
-    name: str, got: Any, expected: np.ndarray, dtype: np.dtype, tol: float
+    name: str,
+    got: Any,
+    expected: np.ndarray,
+    dtype: np.dtype,
+    tol: float,
+    why: str = "the dtype of the inputs",
 ) -> Optional[Failure]:
-    """What is wrong with output `name` (type, shape, dtype, then values), or None."""
+    """What is wrong with output `name` (type, shape, dtype, then values), or None;
+    `why` says where `dtype` comes from."""
     if not isinstance(got, np.ndarray):
         text = f"{name} should be a NumPy array, got {_kind(got)}"
         return Failure(text, ("type", name))
@@ -220,10 +231,7 @@ def compare(
         text = f"{name} has the wrong shape: expected {expected.shape}, got {got.shape}"
         return Failure(text, ("shape", name))
     if got.dtype != dtype:
-        text = (
-            f"{name} has the wrong dtype: expected {dtype} (the dtype of the inputs), "
-            f"got {got.dtype}"
-        )
+        text = f"{name} has the wrong dtype: expected {dtype} ({why}), got {got.dtype}"
         return Failure(text, ("dtype", name))
     return _wrong_values(name, got, expected, tol)
 
@@ -330,7 +338,8 @@ def fixed_cases(name: str) -> list[Case]:
         }
         expected = tuple(data[f"{pre}out/{i}"] for i in range(len(ex.outputs)))
         setup = _tuples(json.loads(str(data[pre + "setup"])))
-        title = f"fixed case {len(cases) + 1} (expected values from PyTorch)"
+        source = ex.fixed_source
+        title = f"fixed case {len(cases) + 1} (expected values from {source})"
         cases.append(Case(title, setup, arrays, expected))
     return cases
 
@@ -373,7 +382,7 @@ def run_case(ex: Exercise, fn: Callable, case: Case) -> Optional[Failure]:
     dtype = np.dtype(case.setup["dtype"])
     tol = ex.tolerance[dtype == np.float32]
     for name, g, e in zip(ex.outputs, got, case.expected):
-        failure = failure or compare(name, g, e, dtype, tol)
+        failure = failure or compare(name, g, e, dtype, tol, ex.dtype_reason)
     return failure or (ex.inspect(got, arrays) if ex.inspect else None)
 
 
@@ -1337,6 +1346,110 @@ function_exercise(
         "gradients belong to the caller. g = grads[t] + weight_decay * p is a new "
         "array.",
     },
+)
+
+# %% ../book/A1_exercises.ipynb #a526fe1d
+_IDX_CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C}
+_IDX_CODES |= {"float32": 0x0D, "float64": 0x0E}  # IDX's type code of each dtype
+
+
+def _idx_bytes(a: Arrays) -> bytes:
+    """The bytes of a case: its array `data` holds them, one uint8 (or, after
+    `as_float64`, one float64) per byte."""
+    return a["data"].astype(np.uint8).tobytes()
+
+
+def _idx_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    """An IDX file of `s["shape"]` and `s["dtype"]`: header, then big-endian values."""
+    dtype, shape = np.dtype(s["dtype"]), s["shape"]
+    if dtype.kind == "f":
+        values = rng.standard_normal(shape) * 100
+    else:
+        info = np.iinfo(dtype)
+        values = rng.integers(info.min, int(info.max) + 1, shape)
+    header = bytes([0, 0, _IDX_CODES[s["dtype"]], len(shape)])
+    header += b"".join(n.to_bytes(4, "big") for n in shape)
+    data = header + values.astype(dtype.newbyteorder(">")).tobytes()
+    return {"data": np.frombuffer(data, np.uint8).copy()}
+
+
+def _idx_reference(a: Arrays, s: Setup) -> tuple:
+    """Chapter 7a's `read_idx` of the case's bytes, written to a temporary file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "case.idx"
+        path.write_bytes(_idx_bytes(a))
+        return (read_idx(path),)
+
+
+def _idx_features(s: Setup) -> dict[str, str]:
+    width = np.dtype(s["dtype"]).itemsize
+    return {
+        "width": "one-byte values (0x08, 0x09)"
+        if width == 1
+        else "values of several bytes (0x0B to 0x0E)",
+        "kind": "floating-point values" if s["dtype"][0] == "f" else "integer values",
+        "ndim": "one dimension" if len(s["shape"]) == 1 else "two or more dimensions",
+        "sizes": "a size of 256 or more"
+        if max(s["shape"]) >= 256
+        else "sizes below 256",
+    }
+
+
+def _random_idx_setup(rng: np.random.Generator) -> Setup:
+    """Any type, 1 to 3 dimensions of 1 to 5, sometimes one of 256 to 300."""
+    shape = [int(n) for n in rng.integers(1, 6, int(rng.integers(1, 4)))]
+    if rng.random() < 0.25:
+        shape[int(rng.integers(len(shape)))] = int(rng.integers(256, 301))
+    dtype = str(rng.choice(list(_IDX_CODES)))
+    return dict(shape=tuple(shape), dtype=dtype, contiguous=True)
+
+
+_register(
+    Exercise(
+        name="ch7a.decode_idx",
+        title="An IDX file decoded from its bytes",
+        difficulty=1,
+        signature="my_decode_idx(data) -> array",
+        statement=(
+            "Write my_decode_idx(data) for the bytes data of an IDX file (chapter "
+            "7a's table): two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B "
+            "int16, 0x0C int32, 0x0D float32, 0x0E float64), the number of dimensions "
+            "ndim, ndim sizes as 4-byte big-endian unsigned integers, then the values "
+            "in C order, each big-endian. Return the array of that shape and type in "
+            "the machine's byte order (dtype int16, not >i2). PyTorch has no IDX "
+            "reader, so the expected arrays of the fixed cases were decoded from the "
+            "same bytes by Python's struct module (struct.unpack with '>' formats, in "
+            "scripts/make_exercise_fixtures.py), and those of the random cases by "
+            "convbook.data.read_idx. The values must be exactly equal."
+        ),
+        stub='''def my_decode_idx(data):
+    """The array (in native byte order) stored in data, the bytes of an IDX file."""
+    raise NotImplementedError
+''',
+        outputs=("the result",),
+        tolerance=(0.0, 0.0),
+        make=_idx_make,
+        call=lambda fn, arrays, s: (fn(_idx_bytes(arrays)),),
+        show=lambda s: "my_decode_idx(data)",
+        reference=_idx_reference,
+        features=_idx_features,
+        random_setup=_random_idx_setup,
+        hints={
+            "values of several bytes (0x0B to 0x0E)": "Every value of more than one "
+            "byte is big-endian, most significant byte first: read it with a '>' "
+            "dtype, np.frombuffer(data, '>i2', offset=4 + 4*ndim), not in the "
+            "machine's (little-endian) order; then return it in the machine's order, "
+            "with .astype('i2').",
+            "a size of 256 or more": "Each size is four bytes, big-endian: "
+            "int.from_bytes(data[4 + 4*k : 8 + 4*k], 'big'), not its last byte alone.",
+            "dtype": "Return the values in the machine's byte order: a '>i2' array "
+            "from np.frombuffer becomes int16 with .astype('i2') (or byteswap() and a "
+            "new view).",
+        },
+        labels={"data": "data (passed as bytes)"},
+        fixed_source="Python's struct module",
+        dtype_reason="the dtype of the file's type code, in native byte order",
+    )
 )
 
 

@@ -1,5 +1,6 @@
 """Write convbook/assets/exercises.npz: the fixed cases of convbook.exercises, with
-expected results computed by PyTorch.
+expected results computed by PyTorch (for the IDX files of chapter 7a, which PyTorch
+does not read, by Python's struct module).
 
     python scripts/make_exercise_fixtures.py [--out PATH]
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import struct
 import zlib
 from pathlib import Path
 
@@ -171,6 +174,22 @@ SGDS = [
         ),
     ]
 ]
+# IDX files: each type code, one and several dimensions, sizes of 256 and more.
+IDXS = [
+    dict(shape=shape, dtype=dtype, contiguous=True)
+    for shape, dtype in [
+        ((5,), "uint8"),
+        ((2, 3, 4), "uint8"),
+        ((300,), "uint8"),
+        ((6,), "int8"),
+        ((2, 3), "int16"),
+        ((4,), "int32"),
+        ((3, 2), "float32"),
+        ((2, 2, 2), "float64"),
+        ((2, 260), "int16"),
+        ((3,), "float64"),
+    ]
+]
 # Bands of `rows` output rows: one band, bands of equal height, a shorter last band, with
 # each feature of a convolution (H_out is 3 unless said).
 BANDS = [
@@ -218,6 +237,7 @@ SETUPS = {
     "ch5b.max_pool2d_backward": POOLS,
     "ch6.input_grad": UNPADDED + PADDED,
     "ch7.sgd": SGDS,
+    "ch7a.decode_idx": IDXS,
     "ch7b.linear": LINEARS,
     "ch8.conv2d_banded": BANDS,
     "ch9.winograd_tile": TILES,
@@ -322,6 +342,21 @@ def torch_sgd(a: dict, s: dict) -> tuple:
     return (np.stack(after),)
 
 
+STRUCT_FORMATS = {0x08: "B", 0x09: "b", 0x0B: "h", 0x0C: "i", 0x0D: "f", 0x0E: "d"}
+
+
+def struct_idx(a: dict, s: dict) -> tuple:
+    """PyTorch reads no IDX files: the bytes decoded by Python's struct module."""
+    data = a["data"].astype(np.uint8).tobytes()
+    zeros, code, ndim = struct.unpack_from(">HBB", data)
+    assert zeros == 0
+    sizes = struct.unpack_from(f">{ndim}I", data, 4)
+    fmt = f">{math.prod(sizes)}{STRUCT_FORMATS[code]}"
+    assert struct.calcsize(fmt) == len(data) - 4 - 4 * ndim
+    values = struct.unpack_from(fmt, data, 4 + 4 * ndim)
+    return (np.array(values, np.float64).reshape(sizes),)
+
+
 REFERENCES = {
     "ch2.windows_nchw": torch_windows_nchw,
     "ch3.conv2d_einsum": torch_conv2d,
@@ -332,6 +367,7 @@ REFERENCES = {
     "ch5b.max_pool2d_backward": torch_max_pool2d_grad,
     "ch6.input_grad": torch_input_grad,
     "ch7.sgd": torch_sgd,
+    "ch7a.decode_idx": struct_idx,
     "ch7b.linear": torch_linear,
     "ch8.conv2d_banded": torch_conv2d,
     "ch9.winograd_tile": torch_winograd_tile,

@@ -33,6 +33,7 @@ NAMES = [
     "ch5b.max_pool2d_backward",
     "ch6.input_grad",
     "ch7.sgd",
+    "ch7a.decode_idx",
     "ch7b.linear",
     "ch8.conv2d_banded",
     "ch9.winograd_tile",
@@ -193,6 +194,24 @@ def sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0, **mistakes):
     return np.stack(ps)
 
 
+IDX_TYPES = {8: "u1", 9: "i1", 11: "i2", 12: "i4", 13: "f4", 14: "f8"}
+
+
+def decode_idx(data, *, sizes_from_last_byte=False, swap=True, native=True):
+    """Header by int.from_bytes, values by np.frombuffer with a big-endian dtype."""
+    assert data[:2] == b"\0\0"
+    kind, ndim = IDX_TYPES[data[2]], data[3]
+    if sizes_from_last_byte:
+        sizes = tuple(data[7 + 4 * k] for k in range(ndim))
+    else:
+        sizes = tuple(
+            int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)
+        )
+    big = np.dtype((">" if swap else "<") + kind)
+    a = np.frombuffer(data, big, offset=4 + 4 * ndim).reshape(sizes)
+    return a.astype(kind) if native else a.copy()
+
+
 class Linear:
     def __init__(self, n_in, n_out, *, rng=None):
         rng = np.random.default_rng(0) if rng is None else rng
@@ -268,6 +287,7 @@ SOLUTIONS = {
     "ch5b.max_pool2d_backward": max_pool2d_backward,
     "ch6.input_grad": input_grad,
     "ch7.sgd": sgd,
+    "ch7a.decode_idx": decode_idx,
     "ch7b.linear": Linear,
     "ch8.conv2d_banded": conv2d_banded,
     "ch9.winograd_tile": winograd_tile,
@@ -466,6 +486,21 @@ def sgd_decay_in_place(p, grads, *, lr, momentum=0.0, weight_decay=0.0):
         p = p - lr * (v if momentum else g)
         ps.append(p)
     return np.stack(ps)
+
+
+def idx_little_endian(data):
+    """The values read in the machine's (little-endian) order."""
+    return decode_idx(data, swap=False)
+
+
+def idx_big_endian_dtype(data):
+    """The right values, left in a big-endian dtype ('>i2', not int16)."""
+    return decode_idx(data, native=False)
+
+
+def idx_sizes_one_byte(data):
+    """Each size taken from its last byte: right until a size reaches 256."""
+    return decode_idx(data, sizes_from_last_byte=True)
 
 
 class LinearDbAxis1(Linear):
@@ -691,6 +726,32 @@ WRONG = [
             "mutates its input grads",
             "passes the cases with no weight decay",
             "in place",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_little_endian,
+        [
+            "wrong values",
+            "passes the cases with one-byte values (0x08, 0x09) but fails",
+            "big-endian",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_big_endian_dtype,
+        [
+            "wrong dtype: expected int16 (the dtype of the file's type code, in native",
+            "got >i2",
+            ".astype('i2')",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_sizes_one_byte,
+        [
+            "passes the cases with sizes below 256 but fails",
+            "int.from_bytes",
         ],
     ),
     (
