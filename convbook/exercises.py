@@ -8,6 +8,7 @@ own NumPy code, with messages that say what is wrong."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 import textwrap
@@ -161,6 +162,8 @@ def describe(name: str) -> str:
         if tol64 == 0
         else f"{tol64:g} in float64 and {tol32:g} in float32, relative to "
         "max(1, max|expected|)"
+        if tol64 != tol32
+        else f"{tol64:g}, relative to max(1, max|expected|)"
     )
     check_line = f"convbook.exercises.check({ex.name!r}, {ex.signature.split('(')[0]})"
     return "\n\n".join(
@@ -194,17 +197,24 @@ def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _wrong_values(
     name: str, got: np.ndarray, expected: np.ndarray, tol: float
 ) -> Optional[Failure]:
-    """A `Failure` naming the first entry whose error exceeds the tolerance, or None."""
+    """A `Failure` naming the first entry whose error exceeds the tolerance (or the
+    number, for a 0-d result), or None."""
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     err = np.abs(got.astype(np.float64) - expected) / scale
     bad = ~(err <= tol)  # NaN counts as wrong
     if not bad.any():
         return None
-    first = int(np.flatnonzero(bad)[0])
-    where = _index(first, got.shape)
     rule = (
         "the values must be exactly equal" if tol == 0 else f"the tolerance is {tol:g}"
     )
+    if got.ndim == 0:
+        text = (
+            f"{name} is wrong: expected {float(expected):.10g}, got {float(got):.10g} "
+            f"(relative error {float(err):.3g}; {rule})."
+        )
+        return Failure(text, ("values", name))
+    first = int(np.flatnonzero(bad)[0])
+    where = _index(first, got.shape)
     text = (
         f"{name} has wrong values at {int(bad.sum())} of {bad.size} entries. The first "
         f"is at index {where}: expected {expected.flat[first]:.6g}, got "
@@ -438,6 +448,9 @@ def _wrap(text: str) -> str:
 
 
 def _arrays_text(ex: Exercise, case: Case) -> str:
+    """The line that describes the case's arrays ("" for a case with none)."""
+    if not case.arrays:
+        return ""
     shown = [
         f"{ex.labels.get(k, k)}: {a.shape} {a.dtype}" for k, a in case.arrays.items()
     ]
@@ -470,7 +483,7 @@ def report(ex: Exercise, cases: list[Case], failures: list, seed: Optional[int])
         "",
         f"First failure: {case.title}",
         f"    {ex.show(case.setup)}",
-        _arrays_text(ex, case),
+        *[_arrays_text(ex, case)] * bool(case.arrays),
         _wrap(f"Problem: {failure.text}"),
     ]
     lines += [""] * bool(found) + [_wrap(text) for _, text, _ in found]
@@ -1643,6 +1656,110 @@ function_exercise(
         "than its input), a band's input slice has the wrong number of rows. "
         + _BAND_ROWS,
     },
+)
+
+# %% ../book/A1_exercises.ipynb #9953c3f7
+_COST_OUTPUTS = ("flops", "bytes", "intensity")
+
+
+def _cost_arguments(s: Setup) -> Arguments:
+    shapes = [(s["n"], *s["hw"], s["c_in"]), (*s["kernel"], s["c_in"], s["c_out"])]
+    itemsize = {"itemsize": s["itemsize"]} if s["itemsize"] != 4 else {}
+    return shapes, {**_conv_keywords(s), **itemsize}
+
+
+def _as_number(value: Any, name: str) -> np.ndarray:
+    """`value` as a 0-d float64 array, or `_Mismatch` if it is not one real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, np.ndarray)
+    ):
+        raise _Mismatch(f"{name} should be a number, got {_kind(value)}")
+    if np.ndim(value) != 0:
+        raise _Mismatch(f"{name} should be one number, got {_kind(value)}")
+    return np.asarray(value, np.float64)
+
+
+def _cost_call(fn: Callable, arrays: Arrays, s: Setup) -> tuple:
+    args, kwargs = _cost_arguments(s)
+    result = _unpack(fn(*args, **kwargs), _COST_OUTPUTS)
+    return tuple(_as_number(v, name) for v, name in zip(result, _COST_OUTPUTS))
+
+
+def _cost_show(s: Setup) -> str:
+    args, kwargs = _cost_arguments(s)
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"my_conv_cost({', '.join(shown)})"
+
+
+def _cost_reference(a: Arrays, s: Setup) -> tuple:
+    """`bench.Layer`'s flops and min_bytes for any kernel, stride and itemsize."""
+    (ho, wo), (kh, kw), n = _conv_out(s), s["kernel"], s["n"]
+    flops = 2 * n * ho * wo * s["c_out"] * kh * kw * s["c_in"]
+    x, y = n * s["hw"][0] * s["hw"][1] * s["c_in"], n * ho * wo * s["c_out"]
+    nbytes = s["itemsize"] * (x + kh * kw * s["c_in"] * s["c_out"] + y)
+    return tuple(np.asarray(v, np.float64) for v in (flops, nbytes, flops / nbytes))
+
+
+def _cost_features(s: Setup) -> dict[str, str]:
+    labels = conv_features(s)
+    del labels["layout"], labels["dtype"]  # shapes only: no arrays, no dtype
+    labels["itemsize"] = f"{s['itemsize']}-byte numbers"
+    return labels
+
+
+def _random_cost_setup(rng: np.random.Generator) -> Setup:
+    s = {**random_conv_setup(rng), "bias": False, "contiguous": True}
+    return {**s, "dtype": "float64", "itemsize": int(rng.choice((4, 8)))}
+
+
+_register(
+    Exercise(
+        name="ch8a.conv_cost",
+        title="The FLOPs, bytes and arithmetic intensity of a layer",
+        difficulty=1,
+        signature="my_conv_cost(x_shape, w_shape, *, stride=1, padding=0, dilation=1, "
+        "itemsize=4) -> (flops, bytes, intensity)",
+        statement=(
+            "Write my_conv_cost(x_shape, w_shape, stride=, padding=, dilation=, "
+            "itemsize=) for the forward pass of conv2d with x of shape x_shape = (N, "
+            "H, W, C_in) and w of shape w_shape = (KH, KW, C_in, C_out) (stride, "
+            "padding and dilation ints or (height, width) pairs, as in chapter 3), "
+            "and return three numbers: flops, the floating-point operations (a "
+            "multiply-add counts two, the bias none); bytes, the least that must be "
+            "moved, x, w and y read or written once, itemsize bytes per number; "
+            "intensity = flops / bytes, the x axis of chapter 8a's roofline. The "
+            "fixed cases' flops come from PyTorch's "
+            "torch.utils.flop_counter.FlopCounterMode around F.conv2d, their bytes "
+            "from the sizes of the tensors it was given and returned."
+        ),
+        stub='''def my_conv_cost(
+    x_shape, w_shape, *, stride=1, padding=0, dilation=1, itemsize=4
+):
+    """(flops, bytes, intensity) of conv2d's forward pass for x (N, H, W, C_in) and
+    w (KH, KW, C_in, C_out): operations, least bytes moved (x, w, y), their ratio."""
+    raise NotImplementedError
+''',
+        outputs=_COST_OUTPUTS,
+        tolerance=(1e-12, 1e-12),
+        make=lambda s, rng: {},
+        call=_cost_call,
+        show=_cost_show,
+        reference=_cost_reference,
+        features=_cost_features,
+        random_setup=_random_cost_setup,
+        hints={
+            "flops": "Every output number is a sum of KH*KW*C_in products, a multiply "
+            "and an add each: flops = 2 * N*H_out*W_out*C_out * KH*KW*C_in, with "
+            "H_out = (H + 2*ph - dh*(KH-1) - 1) // sh + 1 (likewise W_out).",
+            "bytes": "bytes = itemsize * (N*H*W*C_in + KH*KW*C_in*C_out + "
+            "N*H_out*W_out*C_out): x as it is stored, without its padding (zeros are "
+            "not read), the kernel, and y.",
+            "intensity": "Arithmetic intensity is operations per byte: flops / bytes.",
+            "8-byte numbers": "bytes counts itemsize bytes per number: 8 for float64.",
+        },
+        fixed_source="PyTorch's FlopCounterMode",
+        dtype_reason="a number, compared as a float64",
+    )
 )
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from convbook import exercises
 from convbook.conv import hwio_to_oihw, nchw_to_nhwc, nhwc_to_nchw, oihw_to_hwio
@@ -190,8 +191,8 @@ IDXS = [
         ((3,), "float64"),
     ]
 ]
-# Bands of `rows` output rows: one band, bands of equal height, a shorter last band, with
-# each feature of a convolution (H_out is 3 unless said).
+# Bands of `rows` output rows: one band, bands of equal height, a shorter last band,
+# with each feature of a convolution (H_out is 3 unless said).
 BANDS = [
     conv(rows=1),
     conv(rows=2),
@@ -209,6 +210,24 @@ BANDS = [
     conv(contiguous=False, rows=2),
     conv(dtype="float32", rows=1),
     conv(**MIXED, padding=(1, 2), dtype="float32", contiguous=False, rows=2),
+]
+# The cost of a layer: shapes only, float32 (4-byte) or float64 (8-byte) numbers.
+COSTS = [
+    conv(**changes) | {"itemsize": itemsize}
+    for changes, itemsize in [
+        (dict(), 4),
+        (dict(hw=(4, 4), kernel=(1, 1)), 4),
+        (dict(hw=(7, 7), stride=(2, 2)), 4),
+        (dict(hw=(8, 8), stride=(2, 2)), 8),
+        (dict(hw=(7, 7), dilation=(2, 2)), 4),
+        (dict(hw=(6, 5), kernel=(3, 2), stride=(2, 1)), 4),
+        (dict(c_in=3, c_out=2), 8),
+        (dict(n=3), 4),
+        (dict(padding=(1, 1)), 4),
+        (dict(hw=(6, 5), kernel=(3, 2), stride=(2, 1), padding=(1, 0)), 8),
+        (dict(MIXED, padding=(1, 2)), 4),
+        (dict(n=8, hw=(28, 28), c_in=32, c_out=32, padding=(1, 1)), 4),
+    ]
 ]
 TILE = dict(c_in=1, c_out=1, symmetric=False, dtype="float64", contiguous=True)
 TILES = [
@@ -240,6 +259,7 @@ SETUPS = {
     "ch7a.decode_idx": IDXS,
     "ch7b.linear": LINEARS,
     "ch8.conv2d_banded": BANDS,
+    "ch8a.conv_cost": COSTS,
     "ch9.winograd_tile": TILES,
 }
 
@@ -323,6 +343,17 @@ def torch_linear(a: dict, s: dict) -> tuple:
     return y.detach().numpy(), x.grad.numpy(), w.grad.numpy(), b.grad.numpy()
 
 
+def torch_conv_cost(a: dict, s: dict) -> tuple:
+    """FLOPs counted by FlopCounterMode; bytes from the tensors' numbers of elements."""
+    x = torch.zeros((s["n"], s["c_in"], *s["hw"]), dtype=torch.float64)
+    w = torch.zeros((s["c_out"], s["c_in"], *s["kernel"]), dtype=torch.float64)
+    with FlopCounterMode(display=False) as counter:
+        y = F.conv2d(x, w, **geometry(s))
+    flops = counter.get_total_flops()
+    nbytes = s["itemsize"] * (x.numel() + w.numel() + y.numel())
+    return np.float64(flops), np.float64(nbytes), np.float64(flops / nbytes)
+
+
 def torch_winograd_tile(a: dict, s: dict) -> tuple:
     d = t(a["d"].transpose(2, 0, 1)[None])  # (1, C_in, 4, 4)
     y = F.conv2d(d, t(hwio_to_oihw(a["g"])))  # (1, C_out, 2, 2)
@@ -370,6 +401,7 @@ REFERENCES = {
     "ch7a.decode_idx": struct_idx,
     "ch7b.linear": torch_linear,
     "ch8.conv2d_banded": torch_conv2d,
+    "ch8a.conv_cost": torch_conv_cost,
     "ch9.winograd_tile": torch_winograd_tile,
 }
 
@@ -385,7 +417,8 @@ def _cases() -> dict[str, np.ndarray]:
             out[f"{name}/{k}/setup"] = np.array(json.dumps(setup, sort_keys=True))
             out.update({f"{name}/{k}/in/{key}": a for key, a in arrays.items()})
             for i, e in enumerate(expected):
-                out[f"{name}/{k}/out/{i}"] = np.ascontiguousarray(e, dtype=np.float64)
+                e = np.ascontiguousarray(e, dtype=np.float64).reshape(np.shape(e))
+                out[f"{name}/{k}/out/{i}"] = e  # a number stays 0-d
     return out
 
 

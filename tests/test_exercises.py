@@ -36,6 +36,7 @@ NAMES = [
     "ch7a.decode_idx",
     "ch7b.linear",
     "ch8.conv2d_banded",
+    "ch8a.conv_cost",
     "ch9.winograd_tile",
 ]
 as_strided = np.lib.stride_tricks.as_strided
@@ -249,6 +250,25 @@ def conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows, **mistakes):
     return y
 
 
+def conv_cost(x_shape, w_shape, *, stride=1, padding=0, dilation=1, itemsize=4, **bug):
+    """Output positions counted by loops over the padded image, then the sums."""
+    (n, h, w, c_in), (kh, kw, _, c_out) = x_shape, w_shape
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    if bug.get("no_stride"):
+        sh = sw = 1
+    ho = sum(1 for i in range(0, h + 2 * ph, sh) if i + dh * (kh - 1) < h + 2 * ph)
+    wo = sum(1 for j in range(0, w + 2 * pw, sw) if j + dw * (kw - 1) < w + 2 * pw)
+    flops = (1 if bug.get("macs") else 2) * n * ho * wo * c_out * (kh * kw * c_in)
+    x = (
+        n * (h + 2 * ph) * (w + 2 * pw) * c_in
+        if bug.get("padded")
+        else n * h * w * c_in
+    )
+    size = 4 if bug.get("float32") else itemsize
+    nbytes = size * (x + kh * kw * c_in * c_out + n * ho * wo * c_out)
+    return flops, nbytes, (nbytes / flops if bug.get("inverted") else flops / nbytes)
+
+
 # Lavin and Gray's matrices of F(2, 3), typed in (the package builds its own, from other
 # points, by toom_cook): any correct set passes.
 WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
@@ -290,6 +310,7 @@ SOLUTIONS = {
     "ch7a.decode_idx": decode_idx,
     "ch7b.linear": Linear,
     "ch8.conv2d_banded": conv2d_banded,
+    "ch8a.conv_cost": conv_cost,
     "ch9.winograd_tile": winograd_tile,
 }
 
@@ -553,6 +574,30 @@ def banded_no_short_band(x, w, *, stride=1, padding=0, dilation=1, rows):
     return conv2d_banded(x, w, end=max(ho // rows, 1) * rows, **geometry)
 
 
+def cost_macs(*shapes, **kw):
+    return conv_cost(*shapes, macs=True, **kw)
+
+
+def cost_stride_ignored(*shapes, **kw):
+    return conv_cost(*shapes, no_stride=True, **kw)
+
+
+def cost_padded_bytes(*shapes, **kw):
+    return conv_cost(*shapes, padded=True, **kw)
+
+
+def cost_bytes_per_flop(*shapes, **kw):
+    return conv_cost(*shapes, inverted=True, **kw)
+
+
+def cost_always_float32(*shapes, **kw):
+    return conv_cost(*shapes, float32=True, **kw)
+
+
+def cost_as_array(*shapes, **kw):
+    return np.array(conv_cost(*shapes, **kw))  # one array, not three numbers
+
+
 def winograd_rotated(d, g):
     """The kernel rotated by 180 degrees: a true convolution, not PyTorch's."""
     return winograd_tile(d, g, flip=True)
@@ -798,6 +843,28 @@ WRONG = [
             "with a last band shorter than the others",
             "range(0, H_out, rows)",
         ],
+    ),
+    ("ch8a.conv_cost", cost_macs, ["flops is wrong", "a multiply and an add each"]),
+    (
+        "ch8a.conv_cost",
+        cost_stride_ignored,
+        ["flops is wrong", "passes the cases with stride 1 but fails", "// sh + 1"],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_padded_bytes,
+        ["bytes is wrong", "passes the cases with no padding but fails", "without its"],
+    ),
+    ("ch8a.conv_cost", cost_bytes_per_flop, ["intensity is wrong", "flops / bytes"]),
+    (
+        "ch8a.conv_cost",
+        cost_always_float32,
+        ["passes the cases with 4-byte numbers but fails", "8 for float64"],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_as_array,
+        ["should return a tuple (flops, bytes, intensity), got an array (3,)"],
     ),
     (
         "ch9.winograd_tile",
