@@ -1362,8 +1362,14 @@ function_exercise(
 )
 
 # %% ../book/A1_exercises.ipynb #a526fe1d
-_IDX_CODES = {"uint8": 0x08, "int8": 0x09, "int16": 0x0B, "int32": 0x0C}
-_IDX_CODES |= {"float32": 0x0D, "float64": 0x0E}  # IDX's type code of each dtype
+_IDX_CODES = {  # IDX's type code of each dtype
+    "uint8": 0x08,
+    "int8": 0x09,
+    "int16": 0x0B,
+    "int32": 0x0C,
+    "float32": 0x0D,
+    "float64": 0x0E,
+}
 
 
 def _idx_bytes(a: Arrays) -> bytes:
