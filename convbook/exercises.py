@@ -8,20 +8,24 @@ own NumPy code, with messages that say what is wrong."""
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import tempfile
 import textwrap
 import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from .backward import col2im, conv2d_backward
 from .conv import conv2d
+from .data import read_idx
 from .im2col import im2col, im2col_indices
-from .layers import Linear
+from .layers import SGD, Linear
 from .pool import max_pool2d_backward, pool_out_size
 from .transpose import conv_input_grad
 from .windows import out_size, windows
@@ -110,6 +114,8 @@ class Exercise:
     hints: Mapping[str, str] = field(default_factory=dict)
     inspect: Optional[Callable[[tuple, Arrays], Optional[Failure]]] = None
     labels: Mapping[str, str] = field(default_factory=dict)  # array name -> shown name
+    fixed_source: str = "PyTorch"  # what computed the stored expected results
+    dtype_reason: str = "the dtype of the inputs"  # why the outputs have `dtype`
 
     @property
     def chapter(self) -> str:
@@ -156,6 +162,8 @@ def describe(name: str) -> str:
         if tol64 == 0
         else f"{tol64:g} in float64 and {tol32:g} in float32, relative to "
         "max(1, max|expected|)"
+        if tol64 != tol32
+        else f"{tol64:g}, relative to max(1, max|expected|)"
     )
     check_line = f"convbook.exercises.check({ex.name!r}, {ex.signature.split('(')[0]})"
     return "\n\n".join(
@@ -189,17 +197,24 @@ def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _wrong_values(
     name: str, got: np.ndarray, expected: np.ndarray, tol: float
 ) -> Optional[Failure]:
-    """A `Failure` naming the first entry whose error exceeds the tolerance, or None."""
+    """A `Failure` naming the first entry whose error exceeds the tolerance (or the
+    number, for a 0-d result), or None."""
     scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
     err = np.abs(got.astype(np.float64) - expected) / scale
     bad = ~(err <= tol)  # NaN counts as wrong
     if not bad.any():
         return None
-    first = int(np.flatnonzero(bad)[0])
-    where = _index(first, got.shape)
     rule = (
         "the values must be exactly equal" if tol == 0 else f"the tolerance is {tol:g}"
     )
+    if got.ndim == 0:
+        text = (
+            f"{name} is wrong: expected {float(expected):.10g}, got {float(got):.10g} "
+            f"(relative error {float(err):.3g}; {rule})."
+        )
+        return Failure(text, ("values", name))
+    first = int(np.flatnonzero(bad)[0])
+    where = _index(first, got.shape)
     text = (
         f"{name} has wrong values at {int(bad.sum())} of {bad.size} entries. The first "
         f"is at index {where}: expected {expected.flat[first]:.6g}, got "
@@ -210,9 +225,15 @@ def _wrong_values(
 
 
 def compare(
-    name: str, got: Any, expected: np.ndarray, dtype: np.dtype, tol: float
+    name: str,
+    got: Any,
+    expected: np.ndarray,
+    dtype: np.dtype,
+    tol: float,
+    why: str = "the dtype of the inputs",
 ) -> Optional[Failure]:
-    """What is wrong with output `name` (type, shape, dtype, then values), or None."""
+    """What is wrong with output `name` (type, shape, dtype, then values), or None;
+    `why` says where `dtype` comes from."""
     if not isinstance(got, np.ndarray):
         text = f"{name} should be a NumPy array, got {_kind(got)}"
         return Failure(text, ("type", name))
@@ -220,10 +241,7 @@ def compare(
         text = f"{name} has the wrong shape: expected {expected.shape}, got {got.shape}"
         return Failure(text, ("shape", name))
     if got.dtype != dtype:
-        text = (
-            f"{name} has the wrong dtype: expected {dtype} (the dtype of the inputs), "
-            f"got {got.dtype}"
-        )
+        text = f"{name} has the wrong dtype: expected {dtype} ({why}), got {got.dtype}"
         return Failure(text, ("dtype", name))
     return _wrong_values(name, got, expected, tol)
 
@@ -262,7 +280,8 @@ _NOT_READER = (
 
 
 def raised(error: Exception) -> Failure:
-    """A `Failure` for an exception of the reader's code, with the line it came from."""
+    """A `Failure` for an exception of the reader's code, with the line it came from;
+    its tags name the exception's class, so that an exercise can give a hint for it."""
     if isinstance(error, NotImplementedError):
         text = (
             "it raises NotImplementedError: replace the stub's `raise "
@@ -277,7 +296,7 @@ def raised(error: Exception) -> Failure:
         f"it raised {type(error).__name__}: {error} (in {frame.name}, line "
         f"{frame.lineno}{line})"
     )
-    return Failure(text, ("raised",))
+    return Failure(text, ("raised", type(error).__name__))
 
 
 # %% ../book/A1_exercises.ipynb #8c64f01b
@@ -329,7 +348,8 @@ def fixed_cases(name: str) -> list[Case]:
         }
         expected = tuple(data[f"{pre}out/{i}"] for i in range(len(ex.outputs)))
         setup = _tuples(json.loads(str(data[pre + "setup"])))
-        title = f"fixed case {len(cases) + 1} (expected values from PyTorch)"
+        source = ex.fixed_source
+        title = f"fixed case {len(cases) + 1} (expected values from {source})"
         cases.append(Case(title, setup, arrays, expected))
     return cases
 
@@ -372,7 +392,7 @@ def run_case(ex: Exercise, fn: Callable, case: Case) -> Optional[Failure]:
     dtype = np.dtype(case.setup["dtype"])
     tol = ex.tolerance[dtype == np.float32]
     for name, g, e in zip(ex.outputs, got, case.expected):
-        failure = failure or compare(name, g, e, dtype, tol)
+        failure = failure or compare(name, g, e, dtype, tol, ex.dtype_reason)
     return failure or (ex.inspect(got, arrays) if ex.inspect else None)
 
 
@@ -428,6 +448,9 @@ def _wrap(text: str) -> str:
 
 
 def _arrays_text(ex: Exercise, case: Case) -> str:
+    """The line that describes the case's arrays ("" for a case with none)."""
+    if not case.arrays:
+        return ""
     shown = [
         f"{ex.labels.get(k, k)}: {a.shape} {a.dtype}" for k, a in case.arrays.items()
     ]
@@ -460,7 +483,7 @@ def report(ex: Exercise, cases: list[Case], failures: list, seed: Optional[int])
         "",
         f"First failure: {case.title}",
         f"    {ex.show(case.setup)}",
-        _arrays_text(ex, case),
+        *[_arrays_text(ex, case)] * bool(case.arrays),
         _wrap(f"Problem: {failure.text}"),
     ]
     lines += [""] * bool(found) + [_wrap(text) for _, text, _ in found]
@@ -852,6 +875,78 @@ function_exercise(
 )
 
 
+# %% ../book/A1_exercises.ipynb #53eff7e1
+def _depthwise_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    w = _normal(rng, (*s["kernel"], 1, s["c_out"]), s["dtype"])
+    return {**_image(s, rng), "w": w}
+
+
+def _depthwise_channels(s: Setup) -> dict[str, str]:
+    """`{"channels": ...}`: one input channel, or several read by one output each, or
+    by m >= 2 outputs each."""
+    if s["c_in"] == 1:
+        label = "one input channel"
+    elif s["c_out"] == s["c_in"]:
+        label = "several input channels and C_out = C_in"
+    else:
+        label = "several input channels and C_out = m*C_in with m >= 2"
+    return {"channels": label}
+
+
+def _random_depthwise_setup(rng: np.random.Generator) -> Setup:
+    """A random convolution with C_in in 1..3 and C_out = m*C_in, m in 1..3."""
+    s = random_conv_setup(rng)
+    del s["bias"]
+    s["c_in"] = int(rng.integers(1, 4))
+    s["c_out"] = s["c_in"] * int(rng.integers(1, 4))
+    return s
+
+
+function_exercise(
+    lambda s: ([Arg("x"), Arg("w")], _conv_keywords(s)),
+    name="ch3a.depthwise",
+    title="A depthwise convolution by windows and one np.einsum",
+    difficulty=2,
+    signature="my_depthwise_conv2d(x, w, *, stride=1, padding=0, dilation=1) -> y",
+    statement=(
+        "Write my_depthwise_conv2d(x, w, stride=, padding=, dilation=), PyTorch's "
+        "F.conv2d(..., groups=C_in) for x NHWC (N, H, W, C_in) and w (KH, KW, 1, "
+        "C_out), where C_out = m*C_in for a channel multiplier m >= 1: every input "
+        "channel is convolved on its own with m kernels, and output channel o reads "
+        "input channel o // m only: y[n, i, j, o] = sum over a, b of xpad[n, i*sh + "
+        "a*dh, j*sw + b*dw, o // m] * w[a, b, 0, o]. The padding is zeros (an int or a "
+        "(height, width) pair). Take the windows of the padded x (convbook.windows."
+        "windows may be used), split w's output axis into (C_in, m), and contract in "
+        "one np.einsum. Return (N, H_out, W_out, C_out) in the dtype of the inputs. "
+        "Checked against F.conv2d with groups=C_in."
+    ),
+    stub='''def my_depthwise_conv2d(x, w, *, stride=1, padding=0, dilation=1):
+    """F.conv2d(..., groups=C_in) for x (N, H, W, C_in) and w (KH, KW, 1, C_out),
+    C_out = m*C_in: output channel o reads input channel o // m. Returns
+    (N, H_out, W_out, C_out)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_depthwise_make,
+    reference=lambda a, s: (conv2d(a["x"], a["w"], groups=s["c_in"], **_geometry(s)),),
+    features=lambda s: {**conv_features(s), **_depthwise_channels(s)},
+    random_setup=_random_depthwise_setup,
+    hints={
+        "several input channels and C_out = C_in": "A depthwise convolution never "
+        "mixes channels: it sums over the kernel taps (a, b) only, and output channel "
+        "o reads input channel o // m alone. Keep the channel letter on both sides "
+        'of the einsum ("nijabc,abcm->nijcm"), do not sum it.',
+        "several input channels and C_out = m*C_in with m >= 2": "The m outputs of "
+        "input channel c are c*m, c*m + 1, ..., c*m + m - 1 (PyTorch's groups are "
+        "contiguous blocks): split w as w.reshape(KH, KW, C_in, m), not (KH, KW, m, "
+        "C_in), and flatten the result's (C_in, m) axes in that order.",
+        "padding": "Pad x with zeros before taking windows: np.pad(x, ((0, 0), (ph, "
+        "ph), (pw, pw), (0, 0))).",
+    },
+)
+
+
 # %% ../book/A1_exercises.ipynb #2a421932
 def _im2col_arguments(s: Setup) -> Arguments:
     return [Arg("x"), _int_or_pair(s["kernel"])], _conv_keywords(s)
@@ -1175,6 +1270,208 @@ function_exercise(
 )
 
 
+# %% ../book/A1_exercises.ipynb #0e2dc114
+def _sgd_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    shape, dtype = s["shape"], s["dtype"]
+    return {
+        "p": _normal(rng, shape, dtype),
+        "grads": _normal(rng, (s["steps"], *shape), dtype),
+    }
+
+
+def _sgd_reference(a: Arrays, s: Setup) -> tuple:
+    """Chapter 7b's SGD, its gradients plus `weight_decay * p` (PyTorch's coupled
+    weight decay), the parameter kept after every step."""
+    p = a["p"].copy()
+    opt, after = SGD({"p": p}, lr=s["lr"], momentum=s["momentum"]), []
+    for g in a["grads"]:
+        opt.step({"p": g + s["weight_decay"] * p})
+        after.append(p.copy())
+    return (np.stack(after),)
+
+
+def _sgd_features(s: Setup) -> dict[str, str]:
+    return {
+        "momentum": "momentum" if s["momentum"] else "no momentum",
+        "weight decay": "weight decay" if s["weight_decay"] else "no weight decay",
+        "steps": "one step" if s["steps"] == 1 else "several steps",
+        "layout": "contiguous inputs" if s["contiguous"] else "non-contiguous inputs",
+        "dtype": s["dtype"],
+    }
+
+
+def _random_sgd_setup(rng: np.random.Generator) -> Setup:
+    """1 to 5 steps on a parameter of 1 or 2 axes (2 when not C-contiguous)."""
+    contiguous = bool(rng.random() < 0.75)
+    ndim = 2 if not contiguous or rng.random() < 0.5 else 1
+    return dict(
+        shape=tuple(int(v) for v in rng.integers(2, 5, ndim)),
+        steps=int(rng.integers(1, 6)),
+        lr=float(rng.choice((0.01, 0.1, 0.5))),
+        momentum=float(rng.choice((0.0, 0.5, 0.9, 0.99))),
+        weight_decay=float(rng.choice((0.0, 0.0, 0.01, 0.1))),
+        dtype="float32" if rng.random() < 0.25 else "float64",
+        contiguous=contiguous,
+    )
+
+
+function_exercise(
+    lambda s: (
+        [Arg("p"), Arg("grads")],
+        {"lr": s["lr"], **{k: s[k] for k in ("momentum", "weight_decay") if s[k]}},
+    ),
+    name="ch7.sgd",
+    title="SGD with momentum and weight decay, as torch.optim.SGD",
+    difficulty=1,
+    signature="my_sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0) -> ps",
+    statement=(
+        "Write my_sgd(p, grads, lr=, momentum=, weight_decay=): the steps of "
+        "torch.optim.SGD(lr=, momentum=, weight_decay=) on one parameter p (any "
+        "shape), where grads (T, *p.shape) holds the gradient of each of T steps. At "
+        "step t, g = grads[t] + weight_decay * p (p as it is before the step); with "
+        "momentum, v = g at the first step and v = momentum * v + g after it, and g "
+        "= v; then p = p - lr * g. Return ps (T, *p.shape), the parameter after each "
+        "step, in the dtype of the inputs, and change neither p nor grads. Checked "
+        "against torch.optim.SGD (no dampening, no Nesterov)."
+    ),
+    stub='''def my_sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0):
+    """The parameter after each step of torch.optim.SGD from p, grads[t] (shaped like
+    p) being the gradient of step t: returns ps (T, *p.shape)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_sgd_make,
+    reference=_sgd_reference,
+    features=_sgd_features,
+    random_setup=_random_sgd_setup,
+    hints={
+        "momentum": "PyTorch's momentum adds the whole gradient: v = momentum * v + g "
+        "(v = g at the first step), then p -= lr * v. There is no (1 - momentum) "
+        "factor, as in an exponential average.",
+        "weight decay": "Weight decay is part of the gradient, added before the "
+        "momentum: g = grads[t] + weight_decay * p with p before the step, so the "
+        "velocity carries it too. It is not a separate step p -= lr * weight_decay * p "
+        "(that is AdamW's decoupled decay).",
+        "several steps": "Keep one velocity for all the steps and start each step from "
+        "the previous step's p; ps[t] is p after step t.",
+        "grads": "Do not add the weight decay into grads[t] in place (+=): the "
+        "gradients belong to the caller. g = grads[t] + weight_decay * p is a new "
+        "array.",
+    },
+)
+
+# %% ../book/A1_exercises.ipynb #a526fe1d
+_IDX_CODES = {  # IDX's type code of each dtype
+    "uint8": 0x08,
+    "int8": 0x09,
+    "int16": 0x0B,
+    "int32": 0x0C,
+    "float32": 0x0D,
+    "float64": 0x0E,
+}
+
+
+def _idx_bytes(a: Arrays) -> bytes:
+    """The bytes of a case: its array `data` holds them, one uint8 (or, after
+    `as_float64`, one float64) per byte."""
+    return a["data"].astype(np.uint8).tobytes()
+
+
+def _idx_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    """An IDX file of `s["shape"]` and `s["dtype"]`: header, then big-endian values."""
+    dtype, shape = np.dtype(s["dtype"]), s["shape"]
+    if dtype.kind == "f":
+        values = rng.standard_normal(shape) * 100
+    else:
+        info = np.iinfo(dtype)
+        values = rng.integers(info.min, int(info.max) + 1, shape)
+    header = bytes([0, 0, _IDX_CODES[s["dtype"]], len(shape)])
+    header += b"".join(n.to_bytes(4, "big") for n in shape)
+    data = header + values.astype(dtype.newbyteorder(">")).tobytes()
+    return {"data": np.frombuffer(data, np.uint8).copy()}
+
+
+def _idx_reference(a: Arrays, s: Setup) -> tuple:
+    """Chapter 7a's `read_idx` of the case's bytes, written to a temporary file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "case.idx"
+        path.write_bytes(_idx_bytes(a))
+        return (read_idx(path),)
+
+
+def _idx_features(s: Setup) -> dict[str, str]:
+    width = np.dtype(s["dtype"]).itemsize
+    return {
+        "width": "one-byte values (0x08, 0x09)"
+        if width == 1
+        else "values of several bytes (0x0B to 0x0E)",
+        "kind": "floating-point values" if s["dtype"][0] == "f" else "integer values",
+        "ndim": "one dimension" if len(s["shape"]) == 1 else "two or more dimensions",
+        "sizes": "a size of 256 or more"
+        if max(s["shape"]) >= 256
+        else "sizes below 256",
+    }
+
+
+def _random_idx_setup(rng: np.random.Generator) -> Setup:
+    """Any type, 1 to 3 dimensions of 1 to 5, sometimes one of 256 to 300."""
+    shape = [int(n) for n in rng.integers(1, 6, int(rng.integers(1, 4)))]
+    if rng.random() < 0.25:
+        shape[int(rng.integers(len(shape)))] = int(rng.integers(256, 301))
+    dtype = str(rng.choice(list(_IDX_CODES)))
+    return dict(shape=tuple(shape), dtype=dtype, contiguous=True)
+
+
+_register(
+    Exercise(
+        name="ch7a.decode_idx",
+        title="An IDX file decoded from its bytes",
+        difficulty=1,
+        signature="my_decode_idx(data) -> array",
+        statement=(
+            "Write my_decode_idx(data) for the bytes data of an IDX file (chapter "
+            "7a's table): two zero bytes, a type code (0x08 uint8, 0x09 int8, 0x0B "
+            "int16, 0x0C int32, 0x0D float32, 0x0E float64), the number of dimensions "
+            "ndim, ndim sizes as 4-byte big-endian unsigned integers, then the values "
+            "in C order, each big-endian. Return the array of that shape and type in "
+            "the machine's byte order (dtype int16, not >i2). PyTorch has no IDX "
+            "reader, so the expected arrays of the fixed cases were decoded from the "
+            "same bytes by Python's struct module (struct.unpack with '>' formats, in "
+            "scripts/make_exercise_fixtures.py), and those of the random cases by "
+            "convbook.data.read_idx. The values must be exactly equal."
+        ),
+        stub='''def my_decode_idx(data):
+    """The array (in native byte order) stored in data, the bytes of an IDX file."""
+    raise NotImplementedError
+''',
+        outputs=("the result",),
+        tolerance=(0.0, 0.0),
+        make=_idx_make,
+        call=lambda fn, arrays, s: (fn(_idx_bytes(arrays)),),
+        show=lambda s: "my_decode_idx(data)",
+        reference=_idx_reference,
+        features=_idx_features,
+        random_setup=_random_idx_setup,
+        hints={
+            "values of several bytes (0x0B to 0x0E)": "Every value of more than one "
+            "byte is big-endian, most significant byte first: read it with a '>' "
+            "dtype, np.frombuffer(data, '>i2', offset=4 + 4*ndim), not in the "
+            "machine's (little-endian) order; then return it in the machine's order, "
+            "with .astype('i2').",
+            "a size of 256 or more": "Each size is four bytes, big-endian: "
+            "int.from_bytes(data[4 + 4*k : 8 + 4*k], 'big'), not its last byte alone.",
+            "dtype": "Return the values in the machine's byte order: a '>i2' array "
+            "from np.frombuffer becomes int16 with .astype('i2') (or byteswap() and a "
+            "new view).",
+        },
+        labels={"data": "data (passed as bytes)"},
+        fixed_source="Python's struct module",
+        dtype_reason="the dtype of the file's type code, in native byte order",
+    )
+)
+
+
 # %% ../book/A1_exercises.ipynb #33c325b4
 def _linear_make(s: Setup, rng: np.random.Generator) -> Arrays:
     (n, n_in, n_out), dtype = (s["n"], s["n_in"], s["n_out"]), s["dtype"]
@@ -1292,4 +1589,257 @@ _register(
         },
         labels={"w": "params['w']", "b": "params['b']"},
     )
+)
+
+
+# %% ../book/A1_exercises.ipynb #c6a9b82e
+def _bands_label(s: Setup) -> dict[str, str]:
+    """`{"bands": ...}`: one band, bands of equal height, or a shorter last band."""
+    ho, rows = _conv_out(s)[0], s["rows"]
+    if rows >= ho:
+        label = "one band (rows >= H_out)"
+    elif ho % rows == 0:
+        label = "bands of equal height (rows divides H_out)"
+    else:
+        label = "a last band shorter than the others"
+    return {"bands": label}
+
+
+_BAND_ROWS = (
+    "Output rows [r0, r1) read the (r1-r0-1)*sh + dh*(KH-1) + 1 padded input rows "
+    "from r0*sh on: consecutive bands share dh*(KH-1) + 1 - sh of them."
+)
+
+
+def _random_banded_setup(rng: np.random.Generator) -> Setup:
+    """A random convolution without bias and a band height from 1 to H_out + 1."""
+    s = {**random_conv_setup(rng), "bias": False}
+    return {**s, "rows": int(rng.integers(1, _conv_out(s)[0] + 2))}
+
+
+function_exercise(
+    lambda s: ([Arg("x"), Arg("w")], {**_conv_keywords(s), "rows": s["rows"]}),
+    name="ch8.conv2d_banded",
+    title="A convolution in bands of output rows",
+    difficulty=2,
+    signature="my_conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows) -> y",
+    statement=(
+        "Write my_conv2d_banded(x, w, stride=, padding=, dilation=, rows=): the "
+        "convolution of chapter 3 (x NHWC (N, H, W, C_in), w HWIO (KH, KW, C_in, "
+        "C_out), zero padding an int or a (height, width) pair) computed as chapter 8 "
+        "tiles it, in bands of `rows` output rows, so that the workspace holds one "
+        "band and not the whole padded input. Output rows [r0, r1) read the "
+        "(r1-r0-1)*sh + dh*(KH-1) + 1 rows of the padded input that start at row "
+        "r0*sh; the last band has H_out - r0 rows, fewer than `rows` when `rows` does "
+        "not divide H_out. Convolve each band's rows (padding them on their own, or "
+        "slicing a padded x), and put the bands together. Return (N, H_out, W_out, "
+        "C_out) in the dtype of the inputs: equal to F.conv2d for every band height, "
+        "which is what the check compares (it sees only the result, not how much "
+        "memory a band took)."
+    ),
+    stub='''def my_conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows):
+    """conv2d of x (N, H, W, C_in) with w (KH, KW, C_in, C_out), computed band by band
+    of `rows` output rows; returns y (N, H_out, W_out, C_out)."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_conv2d_make,
+    reference=_conv2d_reference,
+    features=lambda s: {**conv_features(s), **_bands_label(s)},
+    random_setup=_random_banded_setup,
+    hints={
+        "a last band shorter than the others": "When rows does not divide H_out, the "
+        "last band has H_out % rows rows: start the bands at range(0, H_out, rows) and "
+        "end each at min(r0 + rows, H_out).",
+        "bands of equal height (rows divides H_out)": "Each band must give exactly "
+        "r1 - r0 output rows. " + _BAND_ROWS,
+        "stride 2 or more": "Output row r reads padded input rows from r*sh on: the "
+        "band of output rows [r0, r1) starts at input row r0*sh, not at r0.",
+        "shape": "y has H_out = (H + 2*ph - dh*(KH-1) - 1) // sh + 1 rows. "
+        + _BAND_ROWS,
+        "ValueError": "If the error is about shapes (a broadcast, or a window larger "
+        "than its input), a band's input slice has the wrong number of rows. "
+        + _BAND_ROWS,
+    },
+)
+
+# %% ../book/A1_exercises.ipynb #9953c3f7
+_COST_OUTPUTS = ("flops", "bytes", "intensity")
+
+
+def _cost_arguments(s: Setup) -> Arguments:
+    shapes = [(s["n"], *s["hw"], s["c_in"]), (*s["kernel"], s["c_in"], s["c_out"])]
+    itemsize = {"itemsize": s["itemsize"]} if s["itemsize"] != 4 else {}
+    return shapes, {**_conv_keywords(s), **itemsize}
+
+
+def _as_number(value: Any, name: str) -> np.ndarray:
+    """`value` as a 0-d float64 array, or `_Mismatch` if it is not one real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (numbers.Real, np.ndarray)
+    ):
+        raise _Mismatch(f"{name} should be a number, got {_kind(value)}")
+    if np.ndim(value) != 0:
+        raise _Mismatch(f"{name} should be one number, got {_kind(value)}")
+    return np.asarray(value, np.float64)
+
+
+def _cost_call(fn: Callable, arrays: Arrays, s: Setup) -> tuple:
+    args, kwargs = _cost_arguments(s)
+    result = _unpack(fn(*args, **kwargs), _COST_OUTPUTS)
+    return tuple(_as_number(v, name) for v, name in zip(result, _COST_OUTPUTS))
+
+
+def _cost_show(s: Setup) -> str:
+    args, kwargs = _cost_arguments(s)
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]
+    return f"my_conv_cost({', '.join(shown)})"
+
+
+def _cost_reference(a: Arrays, s: Setup) -> tuple:
+    """`bench.Layer`'s flops and min_bytes for any kernel, stride and itemsize."""
+    (ho, wo), (kh, kw), n = _conv_out(s), s["kernel"], s["n"]
+    flops = 2 * n * ho * wo * s["c_out"] * kh * kw * s["c_in"]
+    x, y = n * s["hw"][0] * s["hw"][1] * s["c_in"], n * ho * wo * s["c_out"]
+    nbytes = s["itemsize"] * (x + kh * kw * s["c_in"] * s["c_out"] + y)
+    return tuple(np.asarray(v, np.float64) for v in (flops, nbytes, flops / nbytes))
+
+
+def _cost_features(s: Setup) -> dict[str, str]:
+    labels = conv_features(s)
+    del labels["layout"], labels["dtype"]  # shapes only: no arrays, no dtype
+    labels["itemsize"] = f"{s['itemsize']}-byte numbers"
+    return labels
+
+
+def _random_cost_setup(rng: np.random.Generator) -> Setup:
+    s = {**random_conv_setup(rng), "bias": False, "contiguous": True}
+    return {**s, "dtype": "float64", "itemsize": int(rng.choice((4, 8)))}
+
+
+_register(
+    Exercise(
+        name="ch8a.conv_cost",
+        title="The FLOPs, bytes and arithmetic intensity of a layer",
+        difficulty=1,
+        signature="my_conv_cost(x_shape, w_shape, *, stride=1, padding=0, dilation=1, "
+        "itemsize=4) -> (flops, bytes, intensity)",
+        statement=(
+            "Write my_conv_cost(x_shape, w_shape, stride=, padding=, dilation=, "
+            "itemsize=) for the forward pass of conv2d with x of shape x_shape = (N, "
+            "H, W, C_in) and w of shape w_shape = (KH, KW, C_in, C_out) (stride, "
+            "padding and dilation ints or (height, width) pairs, as in chapter 3), "
+            "and return three numbers: flops, the floating-point operations (a "
+            "multiply-add counts two, the bias none); bytes, the least that must be "
+            "moved, x, w and y read or written once, itemsize bytes per number; "
+            "intensity = flops / bytes, the x axis of chapter 8a's roofline. The "
+            "fixed cases' flops come from PyTorch's "
+            "torch.utils.flop_counter.FlopCounterMode around F.conv2d, their bytes "
+            "from the sizes of the tensors it was given and returned."
+        ),
+        stub='''def my_conv_cost(
+    x_shape, w_shape, *, stride=1, padding=0, dilation=1, itemsize=4
+):
+    """(flops, bytes, intensity) of conv2d's forward pass for x (N, H, W, C_in) and
+    w (KH, KW, C_in, C_out): operations, least bytes moved (x, w, y), their ratio."""
+    raise NotImplementedError
+''',
+        outputs=_COST_OUTPUTS,
+        tolerance=(1e-12, 1e-12),
+        make=lambda s, rng: {},
+        call=_cost_call,
+        show=_cost_show,
+        reference=_cost_reference,
+        features=_cost_features,
+        random_setup=_random_cost_setup,
+        hints={
+            "flops": "Every output number is a sum of KH*KW*C_in products, a multiply "
+            "and an add each: flops = 2 * N*H_out*W_out*C_out * KH*KW*C_in, with "
+            "H_out = (H + 2*ph - dh*(KH-1) - 1) // sh + 1 (likewise W_out).",
+            "bytes": "bytes = itemsize * (N*H*W*C_in + KH*KW*C_in*C_out + "
+            "N*H_out*W_out*C_out): x as it is stored, without its padding (zeros are "
+            "not read), the kernel, and y.",
+            "intensity": "Arithmetic intensity is operations per byte: flops / bytes.",
+            "8-byte numbers": "bytes counts itemsize bytes per number: 8 for float64.",
+        },
+        fixed_source="PyTorch's FlopCounterMode",
+        dtype_reason="a number, compared as a float64",
+    )
+)
+
+
+# %% ../book/A1_exercises.ipynb #93069b5f
+def _tile_make(s: Setup, rng: np.random.Generator) -> Arrays:
+    g = rng.standard_normal((3, 3, s["c_in"], s["c_out"]))
+    if s["symmetric"]:
+        g = (g + g[::-1, ::-1]) / 2  # unchanged by a rotation of 180 degrees
+    d = _normal(rng, (4, 4, s["c_in"]), s["dtype"])
+    return {"d": d, "g": g.astype(s["dtype"])}
+
+
+def _tile_features(s: Setup) -> dict[str, str]:
+    return {
+        "kernel": "kernels unchanged by a 180° rotation (g[::-1, ::-1] = g)"
+        if s["symmetric"]
+        else "general kernels",
+        "c_in": "one input channel" if s["c_in"] == 1 else "several input channels",
+        "c_out": "one output channel" if s["c_out"] == 1 else "several output channels",
+        "layout": "contiguous inputs" if s["contiguous"] else "non-contiguous inputs",
+        "dtype": s["dtype"],
+    }
+
+
+def _random_tile_setup(rng: np.random.Generator) -> Setup:
+    """Channels 1..4 in and 1..3 out, sometimes a symmetric kernel."""
+    return dict(
+        c_in=int(rng.integers(1, 5)),
+        c_out=int(rng.integers(1, 4)),
+        symmetric=bool(rng.random() < 0.3),
+        dtype="float32" if rng.random() < 0.25 else "float64",
+        contiguous=bool(rng.random() < 0.75),
+    )
+
+
+function_exercise(
+    lambda s: ([Arg("d"), Arg("g")], {}),
+    name="ch9.winograd_tile",
+    title="Winograd's F(2×2, 3×3) on one tile with channels",
+    difficulty=2,
+    signature="my_winograd_tile(d, g) -> y",
+    statement=(
+        "Write my_winograd_tile(d, g): the 2×2 outputs of the convolution (PyTorch's "
+        "conv2d, a cross-correlation) of one 4×4 tile d (4, 4, C_in) with a kernel g "
+        "(3, 3, C_in, C_out), computed the way of chapter 9: Y[:, :, o] = AT @ M @ "
+        "AT.T with M = the sum over c of (G @ g[:, :, c, o] @ G.T) * (BT @ d[:, :, c] "
+        "@ BT.T), 16 products per channel pair instead of 36. AT (2, 4), G (4, 3) and "
+        "BT (4, 4) are the matrices of F(2, 3), convbook.winograd.WINOGRAD[2] (or "
+        "toom_cook(2)). Return y (2, 2, C_out) in the dtype of the inputs: the "
+        "matrices are float64, so a float32 tile needs float32 matrices. Checked "
+        "against F.conv2d on the tile."
+    ),
+    stub='''def my_winograd_tile(d, g):
+    """The 2x2 outputs (2, 2, C_out) of conv2d of one tile d (4, 4, C_in) with g
+    (3, 3, C_in, C_out) by Winograd's F(2x2, 3x3): AT [sum_c (G g G^T) * (BT d B)] A."""
+    raise NotImplementedError
+''',
+    outputs=("the result",),
+    tolerance=(1e-10, 1e-5),
+    make=_tile_make,
+    reference=lambda a, s: (conv2d(a["d"][None], a["g"])[0],),
+    features=_tile_features,
+    random_setup=_random_tile_setup,
+    hints={
+        "values": "The data transform is B^T d B: BT @ d @ BT.T (BT is B^T); the "
+        "kernel transform is G g G^T: G @ g @ G.T; the output is AT @ M @ AT.T. Check "
+        "each matrix's orientation against the chapter's one-tile formula.",
+        "general kernels": "PyTorch's conv2d is a cross-correlation and toom_cook's "
+        "F(2, 3) computes one too: transform g as it is, without rotating it by 180 "
+        "degrees (g[::-1, ::-1] makes a true convolution).",
+        "several input channels": "M sums the products over the input channels "
+        "before the output transform: np.einsum('abc,abco->abo', V, U) for the "
+        "transformed tile V (4, 4, C_in) and kernel U (4, 4, C_in, C_out).",
+        "float32": "The matrices of WINOGRAD[2] are float64, and a float64 matrix "
+        "times a float32 tile is float64: cast them with .astype(d.dtype) first.",
+    },
 )

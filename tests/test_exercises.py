@@ -26,12 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 NAMES = [
     "ch2.windows_nchw",
     "ch3.conv2d_einsum",
+    "ch3a.depthwise",
     "ch4.im2col",
     "ch5.col2im",
     "ch5.conv2d_backward",
     "ch5b.max_pool2d_backward",
     "ch6.input_grad",
+    "ch7.sgd",
+    "ch7a.decode_idx",
     "ch7b.linear",
+    "ch8.conv2d_banded",
+    "ch8a.conv_cost",
+    "ch9.winograd_tile",
 ]
 as_strided = np.lib.stride_tricks.as_strided
 
@@ -83,6 +89,19 @@ def conv2d_einsum(x, w, b=None, *, stride=1, padding=0, dilation=1):
     v = np.lib.stride_tricks.sliding_window_view(pad(x, padding), span, axis=(1, 2))
     y = np.einsum("nijcab,abco->nijo", v[:, ::sh, ::sw, :, ::dh, ::dw], w)
     return y if b is None else y + b
+
+
+def depthwise(x, w, *, stride=1, padding=0, dilation=1):
+    """Output channel o from input channel o // m, window by window."""
+    xp, m = pad(x, padding), w.shape[3] // x.shape[3]
+    ho, wo = out_hw(x.shape[1:3], w.shape[:2], stride, padding, dilation)
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]), x.dtype)
+    for i in range(ho):
+        for j in range(wo):
+            win = window(xp, i, j, w.shape[:2], stride, dilation)  # (N, KH, KW, C_in)
+            for o in range(w.shape[3]):
+                y[:, i, j, o] = (win[..., o // m] * w[:, :, 0, o]).sum(axis=(1, 2))
+    return y
 
 
 def im2col(x, kernel, *, stride=1, padding=0, dilation=1):
@@ -160,6 +179,40 @@ def input_grad(dy, w, x_hw, *, stride=1, padding=0, dilation=1):
     return conv2d_einsum(d, w[::-1, ::-1].transpose(0, 1, 3, 2), dilation=dilation)
 
 
+def sgd(p, grads, *, lr, momentum=0.0, weight_decay=0.0, **mistakes):
+    """torch.optim.SGD's update, written out, step by step."""
+    p, v, ps = p.copy(), None, []
+    for grad in grads:
+        g = grad + weight_decay * p if not mistakes.get("decay_after") else grad.copy()
+        if momentum:
+            keep = (1 - momentum) if mistakes.get("average") else 1
+            v = g * keep if v is None else momentum * v + keep * g
+            g = v
+        if mistakes.get("decay_after"):
+            g = g + weight_decay * p
+        p = p - lr * g
+        ps.append(p)
+    return np.stack(ps)
+
+
+IDX_TYPES = {8: "u1", 9: "i1", 11: "i2", 12: "i4", 13: "f4", 14: "f8"}
+
+
+def decode_idx(data, *, sizes_from_last_byte=False, swap=True, native=True):
+    """Header by int.from_bytes, values by np.frombuffer with a big-endian dtype."""
+    assert data[:2] == b"\0\0"
+    kind, ndim = IDX_TYPES[data[2]], data[3]
+    if sizes_from_last_byte:
+        sizes = tuple(data[7 + 4 * k] for k in range(ndim))
+    else:
+        sizes = tuple(
+            int.from_bytes(data[4 + 4 * k : 8 + 4 * k], "big") for k in range(ndim)
+        )
+    big = np.dtype((">" if swap else "<") + kind)
+    a = np.frombuffer(data, big, offset=4 + 4 * ndim).reshape(sizes)
+    return a.astype(kind) if native else a.copy()
+
+
 class Linear:
     def __init__(self, n_in, n_out, *, rng=None):
         rng = np.random.default_rng(0) if rng is None else rng
@@ -176,15 +229,89 @@ class Linear:
         return dy @ self.params["w"].T
 
 
+def conv2d_banded(x, w, *, stride=1, padding=0, dilation=1, rows, **mistakes):
+    """Band by band of `rows` output rows, each from its own zero-padded input rows."""
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    h, geometry = x.shape[1], dict(stride=(sh, sw), padding=(0, pw), dilation=(dh, dw))
+    ho, wo = out_hw(x.shape[1:3], w.shape[:2], stride, padding, dilation)
+    start = mistakes.get("start", lambda r0: r0 * sh)  # its first padded input row
+    extra = mistakes.get("extra", 1)  # (r1 - r0 - 1)*sh + dh*(KH-1) + extra rows
+    y = np.zeros((x.shape[0], ho, wo, w.shape[3]), x.dtype)
+    for r0 in range(0, mistakes.get("end", ho), rows):
+        r1 = min(r0 + rows, ho)
+        top = start(r0) - ph  # in x's rows: negative above the image
+        count = (r1 - r0 - 1) * sh + dh * (w.shape[0] - 1) + extra
+        above = min(max(-top, 0), count)  # zero rows above the image
+        lo = min(max(top, 0), h)
+        hi = max(min(top + count, h), lo)  # rows [lo, hi) of x, maybe none
+        below = count - above - (hi - lo)
+        band = np.pad(x[:, lo:hi], ((0, 0), (above, below), (0, 0), (0, 0)))
+        y[:, r0:r1] = conv2d_einsum(band, w, **geometry)
+    return y
+
+
+def conv_cost(x_shape, w_shape, *, stride=1, padding=0, dilation=1, itemsize=4, **bug):
+    """Output positions counted by loops over the padded image, then the sums."""
+    (n, h, w, c_in), (kh, kw, _, c_out) = x_shape, w_shape
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    if bug.get("no_stride"):
+        sh = sw = 1
+    ho = sum(1 for i in range(0, h + 2 * ph, sh) if i + dh * (kh - 1) < h + 2 * ph)
+    wo = sum(1 for j in range(0, w + 2 * pw, sw) if j + dw * (kw - 1) < w + 2 * pw)
+    flops = (1 if bug.get("macs") else 2) * n * ho * wo * c_out * (kh * kw * c_in)
+    x = (
+        n * (h + 2 * ph) * (w + 2 * pw) * c_in
+        if bug.get("padded")
+        else n * h * w * c_in
+    )
+    size = 4 if bug.get("float32") else itemsize
+    nbytes = size * (x + kh * kw * c_in * c_out + n * ho * wo * c_out)
+    return flops, nbytes, (nbytes / flops if bug.get("inverted") else flops / nbytes)
+
+
+# Lavin and Gray's matrices of F(2, 3), typed in (the package builds its own, from other
+# points, by toom_cook): any correct set passes.
+WINOGRAD_AT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], float)
+WINOGRAD_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+WINOGRAD_BT = np.array(
+    [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], float
+)
+
+
+def winograd_tile(
+    d, g, *, flip=False, data=lambda bt, tile: bt @ tile @ bt.T, cast=True
+):
+    """Y = AT [sum_c (G g G^T) * (BT d B)] A, one channel pair at a time."""
+    at, gm, bt = (
+        m.astype(d.dtype) if cast else m for m in (WINOGRAD_AT, WINOGRAD_G, WINOGRAD_BT)
+    )
+    c_in, c_out = g.shape[2:]
+    y = []
+    for o in range(c_out):
+        m = sum(
+            (gm @ (g[::-1, ::-1] if flip else g)[:, :, c, o] @ gm.T)
+            * data(bt, d[:, :, c])
+            for c in range(c_in)
+        )
+        y.append(at @ m @ at.T)
+    return np.stack(y, axis=-1)
+
+
 SOLUTIONS = {
     "ch2.windows_nchw": windows_nchw,
     "ch3.conv2d_einsum": conv2d_einsum,
+    "ch3a.depthwise": depthwise,
     "ch4.im2col": im2col,
     "ch5.col2im": col2im,
     "ch5.conv2d_backward": conv2d_backward,
     "ch5b.max_pool2d_backward": max_pool2d_backward,
     "ch6.input_grad": input_grad,
+    "ch7.sgd": sgd,
+    "ch7a.decode_idx": decode_idx,
     "ch7b.linear": Linear,
+    "ch8.conv2d_banded": conv2d_banded,
+    "ch8a.conv_cost": conv_cost,
+    "ch9.winograd_tile": winograd_tile,
 }
 
 
@@ -233,6 +360,21 @@ def conv2d_mutates(x, w, b=None, **kw):
     y = conv2d_einsum(x, w, b, **kw)
     x[0, 0, 0, 0] = 0.0  # "cleaning up" the caller's array
     return y
+
+
+def depthwise_mixes_channels(x, w, **kw):
+    """Every output channel reads every input channel, as a full convolution would."""
+    full = np.broadcast_to(w, (*w.shape[:2], x.shape[3], w.shape[3]))
+    return conv2d_einsum(x, full, **kw)
+
+
+def depthwise_order_swapped(x, w, **kw):
+    """Output channel o from input channel o % C_in: the (m, C_in) order, not PyTorch's
+    (C_in, m)."""
+    c, m = x.shape[3], w.shape[3] // x.shape[3]
+    mine = w[:, :, 0].reshape(*w.shape[:2], m, c).transpose(0, 1, 3, 2)
+    y = depthwise(x, mine.reshape(*w.shape[:2], 1, c * m), **kw)  # (C_in, m) order
+    return y.reshape(*y.shape[:3], c, m).transpose(0, 1, 2, 4, 3).reshape(y.shape)
 
 
 def im2col_channels_first(x, kernel, **kw):
@@ -346,6 +488,42 @@ def input_grad_not_rotated(dy, w, x_hw, **kw):
     return input_grad(dy, w[::-1, ::-1], x_hw, **kw)
 
 
+def sgd_decay_after_momentum(p, grads, **kw):
+    """Weight decay added after the velocity, so the velocity never carries it."""
+    return sgd(p, grads, decay_after=True, **kw)
+
+
+def sgd_average(p, grads, **kw):
+    """v = momentum * v + (1 - momentum) * g: an exponential average, not PyTorch's."""
+    return sgd(p, grads, average=True, **kw)
+
+
+def sgd_decay_in_place(p, grads, *, lr, momentum=0.0, weight_decay=0.0):
+    """The right steps, but the decay added into the caller's gradients (+=)."""
+    p, v, ps = p.copy(), None, []
+    for g in grads:
+        g += weight_decay * p  # g is a view of grads: the caller's array changes
+        v = g.copy() if v is None else momentum * v + g
+        p = p - lr * (v if momentum else g)
+        ps.append(p)
+    return np.stack(ps)
+
+
+def idx_little_endian(data):
+    """The values read in the machine's (little-endian) order."""
+    return decode_idx(data, swap=False)
+
+
+def idx_big_endian_dtype(data):
+    """The right values, left in a big-endian dtype ('>i2', not int16)."""
+    return decode_idx(data, native=False)
+
+
+def idx_sizes_one_byte(data):
+    """Each size taken from its last byte: right until a size reaches 256."""
+    return decode_idx(data, sizes_from_last_byte=True)
+
+
 class LinearDbAxis1(Linear):
     def backward(self, dy):
         dx = super().backward(dy)
@@ -375,6 +553,63 @@ class LinearOwnWeights(Linear):
     def forward(self, x):
         self.x = x
         return x @ self.w + self.params["b"]
+
+
+def banded_one_row_short(x, w, **kw):
+    """Each band's input slice one row short: consecutive bands overlap one row too few."""
+    return conv2d_banded(x, w, extra=0, **kw)
+
+
+def banded_stride_ignored(x, w, *, stride=1, rows, **kw):
+    """Band r0 read from input row r0, as if the stride were 1."""
+    return conv2d_banded(x, w, stride=stride, rows=rows, start=lambda r0: r0, **kw)
+
+
+def banded_no_short_band(x, w, *, stride=1, padding=0, dilation=1, rows):
+    """H_out // rows bands: a last, shorter band is never computed."""
+    ho = out_len(
+        x.shape[1], w.shape[0], pair(stride)[0], pair(padding)[0], pair(dilation)[0]
+    )
+    geometry = dict(stride=stride, padding=padding, dilation=dilation, rows=rows)
+    return conv2d_banded(x, w, end=max(ho // rows, 1) * rows, **geometry)
+
+
+def cost_macs(*shapes, **kw):
+    return conv_cost(*shapes, macs=True, **kw)
+
+
+def cost_stride_ignored(*shapes, **kw):
+    return conv_cost(*shapes, no_stride=True, **kw)
+
+
+def cost_padded_bytes(*shapes, **kw):
+    return conv_cost(*shapes, padded=True, **kw)
+
+
+def cost_bytes_per_flop(*shapes, **kw):
+    return conv_cost(*shapes, inverted=True, **kw)
+
+
+def cost_always_float32(*shapes, **kw):
+    return conv_cost(*shapes, float32=True, **kw)
+
+
+def cost_as_array(*shapes, **kw):
+    return np.array(conv_cost(*shapes, **kw))  # one array, not three numbers
+
+
+def winograd_rotated(d, g):
+    """The kernel rotated by 180 degrees: a true convolution, not PyTorch's."""
+    return winograd_tile(d, g, flip=True)
+
+
+def winograd_data_transposed(d, g):
+    """B d B^T in place of B^T d B: BT taken for B."""
+    return winograd_tile(d, g, data=lambda bt, tile: bt.T @ tile @ bt)
+
+
+def winograd_float64_matrices(d, g):
+    return winograd_tile(d, g, cast=False)
 
 
 # (exercise, wrong function, words the message must contain)
@@ -411,6 +646,25 @@ WRONG = [
         "ch3.conv2d_einsum",
         conv2d_mutates,
         ["mutates its input x", "at index (0, 0, 0, 0)"],
+    ),
+    (
+        "ch3a.depthwise",
+        depthwise_mixes_channels,
+        [
+            "wrong values",
+            "passes the cases with one input channel but fails",
+            "never mixes channels",
+        ],
+    ),
+    (
+        "ch3a.depthwise",
+        depthwise_order_swapped,
+        [
+            "wrong values",
+            "but fails",
+            "with several input channels and C_out = m*C_in with m >= 2",
+            "w.reshape(KH, KW, C_in, m)",
+        ],
     ),
     (
         "ch4.im2col",
@@ -491,6 +745,62 @@ WRONG = [
     ),
     ("ch6.input_grad", input_grad_not_rotated, ["wrong values", "Rotate the kernel"]),
     (
+        "ch7.sgd",
+        sgd_decay_after_momentum,
+        [
+            "wrong values",
+            "passes the cases with no momentum",
+            "but fails",
+            "Weight decay is part of the gradient, added before the momentum",
+        ],
+    ),
+    (
+        "ch7.sgd",
+        sgd_average,
+        [
+            "wrong values",
+            "passes the cases with no momentum but fails",
+            "with momentum",
+            "no (1 - momentum) factor",
+        ],
+    ),
+    (
+        "ch7.sgd",
+        sgd_decay_in_place,
+        [
+            "mutates its input grads",
+            "passes the cases with no weight decay",
+            "in place",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_little_endian,
+        [
+            "(expected values from Python's struct module)",
+            "wrong values",
+            "passes the cases with one-byte values (0x08, 0x09) but fails",
+            "big-endian",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_big_endian_dtype,
+        [
+            "wrong dtype: expected int16 (the dtype of the file's type code, in native",
+            "got >i2",
+            ".astype('i2')",
+        ],
+    ),
+    (
+        "ch7a.decode_idx",
+        idx_sizes_one_byte,
+        [
+            "passes the cases with sizes below 256 but fails",
+            "int.from_bytes",
+        ],
+    ),
+    (
         "ch7b.linear",
         LinearDbAxis1,
         ["grads['b'] has the wrong shape", "dy.sum(axis=0)"],
@@ -509,6 +819,82 @@ WRONG = [
         "ch7b.linear",
         LinearOwnWeights,
         ["y (from forward) has wrong values", "self.params"],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_one_row_short,
+        ["it raised ValueError", "(r1-r0-1)*sh + dh*(KH-1) + 1 padded input rows"],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_stride_ignored,
+        [
+            "wrong values",
+            "passes the cases with stride 1 but fails",
+            "with stride 2 or more",
+            "starts at input row r0*sh",
+        ],
+    ),
+    (
+        "ch8.conv2d_banded",
+        banded_no_short_band,
+        [
+            "wrong values",
+            "but fails",
+            "with a last band shorter than the others",
+            "range(0, H_out, rows)",
+        ],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_macs,
+        [
+            "(expected values from PyTorch's FlopCounterMode)",
+            "flops is wrong: expected 162, got 81",
+            "a multiply and an add each",
+        ],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_stride_ignored,
+        ["flops is wrong", "passes the cases with stride 1 but fails", "// sh + 1"],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_padded_bytes,
+        ["bytes is wrong", "passes the cases with no padding but fails", "without its"],
+    ),
+    ("ch8a.conv_cost", cost_bytes_per_flop, ["intensity is wrong", "flops / bytes"]),
+    (
+        "ch8a.conv_cost",
+        cost_always_float32,
+        ["passes the cases with 4-byte numbers but fails", "8 for float64"],
+    ),
+    (
+        "ch8a.conv_cost",
+        cost_as_array,
+        ["should return a tuple (flops, bytes, intensity), got an array (3,)"],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_rotated,
+        [
+            "wrong values",
+            "passes the cases with kernels unchanged by a 180° rotation",
+            "but fails",
+            "with general kernels",
+            "cross-correlation",
+        ],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_data_transposed,
+        ["wrong values", "BT @ d @ BT.T"],
+    ),
+    (
+        "ch9.winograd_tile",
+        winograd_float64_matrices,
+        ["wrong dtype: expected float32", "got float64", ".astype(d.dtype)"],
     ),
 ]
 
