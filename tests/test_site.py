@@ -371,7 +371,7 @@ def test_api_reference_documents_every_public_name(site):
     for name in convbook.__all__:
         obj = getattr(convbook, name)
         if isinstance(obj, types.ModuleType):
-            module, anchor = obj.__name__.split(".")[1], obj.__name__
+            module, anchor = obj.__name__.split(".")[1], f"module-{obj.__name__}"
         else:
             module = importlib.import_module(obj.__module__).__name__.split(".")[1]
             anchor = f"convbook.{module}.{name}"
