@@ -25,11 +25,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# The package is what nbdev-export writes from the notebooks, in ruff's format (nbdev wraps its
-# generated __all__ lines at 120 columns; the site and the package use 88).
+# The package is exactly what nbdev-export writes from the notebooks (the notebooks' code is in
+# ruff's format; nbdev's generated lines, such as __all__, are left as nbdev writes them).
 export: $(STAMP)
 	$(BIN)/nbdev-export
-	$(BIN)/ruff format --quiet convbook
 
 # Sphinx copies _static only when it rewrites a page: if only a script or style changed since the
 # last build, rewrite every page (--all; the executed chapters still come from the cache).
@@ -50,8 +49,8 @@ check-sync: $(STAMP)
 # the package and in the notebooks' code cells.
 lint: $(STAMP)
 	$(BIN)/actionlint .github/workflows/*.yml
-	$(BIN)/ruff format --check book convbook scripts _ext tests
-	$(BIN)/ruff check book convbook
+	$(BIN)/ruff format --check book scripts _ext tests
+	$(BIN)/ruff check book
 
 format: $(STAMP)
 	$(BIN)/ruff format book scripts _ext tests

@@ -19,24 +19,9 @@ from numpy.typing import ArrayLike
 from .layers import SGD, Adam, check_rng, positive_int
 
 # %% auto #0
-__all__ = [
-    "BalancedSampler",
-    "class_weights",
-    "check_images",
-    "sample_bilinear",
-    "affine_coords",
-    "warp_affine",
-    "affine_matrices",
-    "random_affine",
-    "gaussian_matrix",
-    "elastic_field",
-    "pixel_grid",
-    "warp_field",
-    "Augment",
-    "OneCycle",
-    "check_shift",
-]
-
+__all__ = ['BalancedSampler', 'class_weights', 'check_images', 'sample_bilinear', 'affine_coords', 'warp_affine',
+           'affine_matrices', 'random_affine', 'gaussian_matrix', 'elastic_field', 'pixel_grid', 'warp_field',
+           'Augment', 'OneCycle', 'check_shift']
 
 # %% ../book/07c_training.ipynb #fd498b39
 def _check_labels(labels) -> np.ndarray:
@@ -51,7 +36,6 @@ def _check_labels(labels) -> np.ndarray:
     if labels.min() < 0:
         raise ValueError(f"labels must be >= 0, got {labels.min()}")
     return labels
-
 
 # %% ../book/07c_training.ipynb #ea0c46db
 class BalancedSampler:
@@ -115,7 +99,6 @@ class BalancedSampler:
         for start in range(0, len(order), batch_size):
             yield order[start : start + batch_size]
 
-
 # %% ../book/07c_training.ipynb #e9498682
 def class_weights(labels: ArrayLike, num_classes: Optional[int] = None) -> np.ndarray:
     """Per-class loss weights `(num_classes,)`: `N / (K * count)` for each of the K
@@ -134,7 +117,6 @@ def class_weights(labels: ArrayLike, num_classes: Optional[int] = None) -> np.nd
     weights = np.zeros(k)
     weights[present] = len(labels) / (present.sum() * counts[present])
     return weights
-
 
 # %% ../book/07c_training.ipynb #73fcd831
 def _real(value, name: str, *, minimum: float = 0.0, strict: bool = False) -> float:
@@ -177,7 +159,6 @@ def _check_points(coords, n: int) -> np.ndarray:
         raise ValueError("coords must be finite (no NaN or infinity)")
     return coords
 
-
 # %% ../book/07c_training.ipynb #87a55aad
 def _corner(coords: np.ndarray, size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Along one axis of `size` pixels: the index of the first of the two neighbours of
@@ -219,7 +200,6 @@ def sample_bilinear(images: ArrayLike, coords: ArrayLike) -> np.ndarray:
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
     return out.astype(images.dtype, copy=False)
 
-
 # %% ../book/07c_training.ipynb #a1e726a0
 def _check_matrices(matrices) -> np.ndarray:
     """`matrices` as finite float64 `(N, 2, 3)`, or raise naming it."""
@@ -252,7 +232,6 @@ def warp_affine(images: ArrayLike, matrices: ArrayLike) -> np.ndarray:
     as `affine_coords` reads them; bilinear, zero outside, same shape and dtype."""
     images = check_images(images)
     return sample_bilinear(images, affine_coords(matrices, images.shape[1:3]))
-
 
 # %% ../book/07c_training.ipynb #405e66cc
 def affine_matrices(
@@ -312,7 +291,6 @@ def random_affine(
     shift = rng.uniform(-max_shift, max_shift, (n, 2))
     return affine_matrices(rotation, factor, shift)
 
-
 # %% ../book/07c_training.ipynb #e58db236
 def gaussian_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """`(size, size)` matrix G such that `G @ v` is v `(size,)` convolved with a
@@ -369,7 +347,6 @@ def warp_field(images: ArrayLike, field: ArrayLike) -> np.ndarray:
     if field.shape != (n, h, w, 2):
         raise ValueError(f"field must have shape {(n, h, w, 2)}, got {field.shape}")
     return sample_bilinear(images, pixel_grid(n, (h, w)) + field)
-
 
 # %% ../book/07c_training.ipynb #c8dac6d7
 class Augment:
@@ -430,7 +407,6 @@ class Augment:
             alpha=self.alpha,
             sigma=self.sigma,
         )
-
 
 # %% ../book/07c_training.ipynb #a02a001c
 class OneCycle:
@@ -495,7 +471,6 @@ class OneCycle:
         self.t += 1
         self.optimizer.lr = self.lr_at(self.t)
         return self.optimizer.lr
-
 
 # %% ../book/07c_training.ipynb #d37e04d2
 def _shift_cases() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

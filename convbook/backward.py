@@ -25,20 +25,9 @@ from .im2col import im2col, im2col_indices
 from .windows import IntPair, as_pair, check_array, out_size
 
 # %% auto #0
-__all__ = [
-    "CONV2D_BACKWARD_METHODS",
-    "conv2d_backward_per_group",
-    "register_conv2d_backward",
-    "conv2d_backward_methods",
-    "bias_grad",
-    "conv2d_backward",
-    "unpad",
-    "conv2d_backward_naive",
-    "check_shape",
-    "col2im",
-    "conv2d_backward_col2im",
-]
-
+__all__ = ['CONV2D_BACKWARD_METHODS', 'conv2d_backward_per_group', 'register_conv2d_backward', 'conv2d_backward_methods',
+           'bias_grad', 'conv2d_backward', 'unpad', 'conv2d_backward_naive', 'check_shape', 'col2im',
+           'conv2d_backward_col2im']
 
 # %% ../book/05_backward.ipynb #b0d254ea
 def conv2d_backward_per_group(
@@ -73,7 +62,6 @@ CONV2D_BACKWARD_METHODS = MethodRegistry(
     "conv2d_backward", per_group=conv2d_backward_per_group
 )
 
-
 # %% ../book/05_backward.ipynb #e99fdc57
 def register_conv2d_backward(
     name: str,
@@ -89,13 +77,11 @@ def register_conv2d_backward(
     `supports(spec)` says which problems it can solve at all."""
     return CONV2D_BACKWARD_METHODS.register(name, priority, applies, groups, supports)
 
-
 # %% ../book/05_backward.ipynb #4f0f1e60
 def conv2d_backward_methods() -> list[str]:
     """The names accepted by `conv2d_backward(..., method=...)` besides `"auto"`, best
     first."""
     return CONV2D_BACKWARD_METHODS.names()
-
 
 # %% ../book/05_backward.ipynb #0b3f701c
 def bias_grad(dy: np.ndarray) -> np.ndarray:
@@ -151,13 +137,11 @@ def conv2d_backward(
     dx, dw = fn(dy, x, w, spec, bool(input_grad))
     return dx, dw, bias_grad(dy)
 
-
 # %% ../book/05_backward.ipynb #49282a20
 def unpad(xp: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """Crop the spec's padding from a padded `(N, H_pad, W_pad, C)` array."""
     (pt, _), (pl, _) = spec.padding
     return xp[:, pt : pt + spec.x_shape[1], pl : pl + spec.x_shape[2], :]
-
 
 # %% ../book/05_backward.ipynb #5297e95e
 @register_conv2d_backward("naive", priority=0)
@@ -189,7 +173,6 @@ def conv2d_backward_naive(
                 dxp[win] += np.tensordot(g, w, axes=([1], [3]))  # (N, KH, KW, C_in)
     return (unpad(dxp, spec) if input_grad else None), dw
 
-
 # %% ../book/05_backward.ipynb #0da796d3
 def check_shape(shape, name: str, ndim: int, layout: str) -> tuple[int, ...]:
     """`shape` as a tuple of `ndim` ints >= 0, or a `TypeError`/`ValueError` naming
@@ -212,7 +195,6 @@ def check_shape(shape, name: str, ndim: int, layout: str) -> tuple[int, ...]:
         if d < 0:
             raise ValueError(f"{name} must not have negative sizes, got {shape!r}")
     return tuple(int(d) for d in dims)
-
 
 # %% ../book/05_backward.ipynb #1ef76002
 def col2im(
@@ -257,7 +239,6 @@ def col2im(
     # indices
     np.add.at(xp, (slice(None), rows, cidx), cols.reshape(n, n_out, n_taps, c))
     return np.ascontiguousarray(xp[:, pt : pt + h, pl : pl + w, :])
-
 
 # %% ../book/05_backward.ipynb #ee4bcc69
 @register_conv2d_backward("col2im", priority=10)

@@ -38,26 +38,9 @@ from convbook.conv import (
 )
 
 # %% auto #0
-__all__ = [
-    "SUITE",
-    "LAYOUTS",
-    "LAYOUT_LABELS",
-    "PHASES",
-    "Layer",
-    "steady_allocator",
-    "pinned_threads",
-    "interleaved_medians",
-    "matmul_peak",
-    "memory_bandwidth",
-    "plot",
-    "run",
-    "table",
-    "main",
-    "torch_twin",
-    "run_train_step",
-    "train_step_table",
-]
-
+__all__ = ['SUITE', 'LAYOUTS', 'LAYOUT_LABELS', 'PHASES', 'Layer', 'steady_allocator', 'pinned_threads', 'interleaved_medians',
+           'matmul_peak', 'memory_bandwidth', 'plot', 'run', 'table', 'main', 'torch_twin', 'run_train_step',
+           'train_step_table']
 
 # %% ../book/08a_bench.ipynb #2033df0e
 @dataclass(frozen=True)
@@ -95,7 +78,6 @@ class Layer:
         x, y = self.n * self.h * self.w * self.c_in, self.n * ho * wo * self.c_out
         return 4 * (x + self.k * self.k * self.c_in * self.c_out + y)
 
-
 # %% ../book/08a_bench.ipynb #922e9bd2
 SUITE = [
     Layer("first layer, 1 channel", 64, 28, 28, 1, 32, 3, padding=1),
@@ -113,7 +95,6 @@ SUITE = [
     Layer("batch 128, 3x3 32->64 at 28", 128, 28, 28, 32, 64, 3, padding=1),
 ]
 
-
 # %% ../book/08a_bench.ipynb #5d4a06fe
 def _median_time(fn, repeat: int, budget: float) -> float:
     """Median wall time of `fn()` over up to `repeat` runs after one warm-up run,
@@ -127,7 +108,6 @@ def _median_time(fn, repeat: int, budget: float) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times or [first]))
-
 
 # %% ../book/08a_bench.ipynb #efa26d41
 def steady_allocator() -> str:
@@ -152,7 +132,6 @@ def steady_allocator() -> str:
     if not ok:
         return "default (mallopt unavailable)"
     return "glibc mallopt: M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB"
-
 
 # %% ../book/08a_bench.ipynb #d8dba5d2
 def _set_threads(threads: int) -> tuple[int | None, str, Callable[[], None]]:
@@ -189,7 +168,6 @@ def _set_threads(threads: int) -> tuple[int | None, str, Callable[[], None]]:
 
     return (torch.get_num_threads() if torch else None), note, restore
 
-
 # %% ../book/08a_bench.ipynb #2d5d7667
 @contextlib.contextmanager
 def pinned_threads(threads: int) -> Iterator[str]:
@@ -202,7 +180,6 @@ def pinned_threads(threads: int) -> Iterator[str]:
         yield note
     finally:
         restore()
-
 
 # %% ../book/08a_bench.ipynb #d37fcaea
 def _interleaved(fns: dict, repeat: int, budget: float, rounds: int = 2) -> dict:
@@ -235,7 +212,6 @@ def _interleaved(fns: dict, repeat: int, budget: float, rounds: int = 2) -> dict
             break
     return {k: float(np.median(v)) for k, v in times.items()}
 
-
 # %% ../book/08a_bench.ipynb #d0f48fcb
 def interleaved_medians(
     fns: dict[str, Callable[[], object]],
@@ -263,7 +239,6 @@ def interleaved_medians(
         return _interleaved(fns, repeat, budget, rounds)
     with pinned_threads(threads):
         return _interleaved(fns, repeat, budget, rounds)
-
 
 # %% ../book/08a_bench.ipynb #c90fa3ff
 LAYOUTS = ("nchw", "channels_last")  # PyTorch's two memory formats, both timed
@@ -314,7 +289,6 @@ def _problem(layer: Layer, rng: np.random.Generator):
     calls = {lay: _torch_calls(x, w, dy, geom, lay) for lay in LAYOUTS}
     return x, w, dy, geom, calls
 
-
 # %% ../book/08a_bench.ipynb #c0b54f55
 def matmul_peak(size: int = 2048, repeat: int = 5) -> float:
     """Measured float32 matrix-product speed of NumPy's BLAS in GFLOP/s, for
@@ -326,7 +300,6 @@ def matmul_peak(size: int = 2048, repeat: int = 5) -> float:
     t = _median_time(lambda: np.matmul(a, b, out=out), repeat, 30.0)
     return 2 * size**3 / t / 1e9
 
-
 # %% ../book/08a_bench.ipynb #8a50130d
 def memory_bandwidth(mb: int = 256, repeat: int = 5) -> float:
     """Measured copy speed of a large float32 array in GB/s (bytes read + written):
@@ -335,7 +308,6 @@ def memory_bandwidth(mb: int = 256, repeat: int = 5) -> float:
     b = np.empty_like(a)
     t = _median_time(lambda: np.copyto(b, a), repeat, 30.0)
     return 2 * a.nbytes / t / 1e9
-
 
 # %% ../book/08a_bench.ipynb #180d6739
 def _ratio_panel(ax, rows: list) -> None:
@@ -406,7 +378,6 @@ def plot(report: dict, path=None):
     if path:
         fig.savefig(path, dpi=120)
     return fig
-
 
 # %% ../book/08a_bench.ipynb #b55e3ece
 def _head_row(layer: Layer, head: dict) -> dict:
@@ -491,7 +462,6 @@ def _run_layers(layers, repeat: int, budget: float, methods: str, progress) -> l
         progress(_progress_line(row))
     return results
 
-
 # %% ../book/08a_bench.ipynb #04ede665
 def _geomean(v) -> float:
     return float(np.exp(np.mean(np.log(v))))
@@ -527,7 +497,6 @@ def _machine() -> dict:
         numpy=np.__version__,
         torch=torch.__version__,
     )
-
 
 # %% ../book/08a_bench.ipynb #0736f22c
 def run(
@@ -571,7 +540,6 @@ def run(
         summary_nchw=_summary(results, "nchw"),
     )
 
-
 # %% ../book/08a_bench.ipynb #3ebdae0f
 def _name(k: int, row: dict) -> str:
     """`" 3 name"`: the layer's number (as in the plot) and name, 31 characters."""
@@ -605,7 +573,6 @@ def _time_lines(report: dict, kind: str) -> list[str]:
             line += f" {gf:8.1f} {100 * gf / report['peak_gflops']:5.1f}%"
         lines.append(line)
     return lines
-
 
 # %% ../book/08a_bench.ipynb #347c6237
 def _summary_lines(report: dict) -> list[str]:
@@ -692,7 +659,6 @@ def table(report: dict) -> str:
     lines += _method_lines(report, "forward") + _method_lines(report, "fwdbwd")
     return "\n".join(lines)
 
-
 # %% ../book/08a_bench.ipynb #ae28520f
 def _parser() -> argparse.ArgumentParser:
     from convbook import __version__
@@ -730,7 +696,6 @@ def _parser() -> argparse.ArgumentParser:
         help="where to draw the plot ('' for none)",
     )
     return ap
-
 
 # %% ../book/08a_bench.ipynb #128ed334
 def _unwritable(path: str) -> str | None:
@@ -798,13 +763,11 @@ def main(argv: list[str] | None = None) -> int:
     _write_outputs(report, args)
     return 0
 
-
 # %% ../book/08a_bench.ipynb #f82271af
 if (
     __name__ == "__main__" and "__file__" in globals()
 ):  # python -m convbook.bench, not a notebook
     sys.exit(main())
-
 
 # %% ../book/08a_bench.ipynb #23786b21
 def _twin_weighted(torch, kind: str, cfg: dict, before_flatten):
@@ -851,7 +814,6 @@ def _twin_layer(layer, before_flatten: tuple | None):
         raise TypeError(f"no PyTorch twin for a {kind} layer")
     return simple[kind]()
 
-
 # %% ../book/08a_bench.ipynb #3c45ff7d
 def _to_torch(a: np.ndarray, layout: str = "nchw"):
     """A NumPy array as a PyTorch tensor (a copy); 4-D NHWC arrays become NCHW
@@ -896,7 +858,6 @@ def torch_twin(net, x: np.ndarray, layout: str = "nchw"):
         twin = twin.to(memory_format=torch.channels_last)
     return twin
 
-
 # %% ../book/08a_bench.ipynb #06877221
 def _check_twin(net, twin, x: np.ndarray, layout: str) -> None:
     """Raise unless the twin's logits equal ours (evaluation mode, float32: to 1e-4 of
@@ -912,7 +873,6 @@ def _check_twin(net, twin, x: np.ndarray, layout: str) -> None:
         raise RuntimeError(
             f"the PyTorch twin ({layout}) differs from the network: {err:.2e}"
         )
-
 
 # %% ../book/08a_bench.ipynb #f5232cda
 def _numpy_step(net, opt, x: np.ndarray, labels: np.ndarray, phases: list) -> Callable:
@@ -951,7 +911,6 @@ def _torch_step(twin, x: np.ndarray, labels: np.ndarray, layout: str, phases: li
         phases.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     return step
-
 
 # %% ../book/08a_bench.ipynb #4dd0a6d3
 def _layer_name(k: int, layer) -> str:
@@ -998,7 +957,6 @@ def _layer_calls(net, twins: dict, x: np.ndarray, dlogits: np.ndarray) -> list:
         calls.append(row)
     return calls
 
-
 # %% ../book/08a_bench.ipynb #bd3895a3
 def _phase_medians(phases: list, total: float) -> dict:
     f, b, o = np.median(np.array(phases), axis=0)
@@ -1021,7 +979,6 @@ def _time_steps(net, x, labels, repeat: int, rounds: int, budget: float) -> dict
         fns, repeat=repeat, rounds=rounds, budget=budget, threads=None
     )
     return {side: _phase_medians(phases[side], totals[side]) for side in fns}
-
 
 # %% ../book/08a_bench.ipynb #b93ba8f2
 def _time_layers(net, x, labels, repeat: int, rounds: int, budget: float) -> list:
@@ -1074,7 +1031,6 @@ def _train_step_at(threads: int, batch, repeat, rounds, budget, seed) -> dict:
         layers=layers,
     )
 
-
 # %% ../book/08a_bench.ipynb #302be456
 def run_train_step(
     threads=(1, 2),
@@ -1105,7 +1061,6 @@ def run_train_step(
             f"({r['step_layout']}), ratio {r['ratio']:.2f}"
         )
     return dict(machine=_machine(), allocator=allocator, batch=batch, runs=runs)
-
 
 # %% ../book/08a_bench.ipynb #7d45f1ae
 PHASES = [

@@ -29,30 +29,9 @@ from convbook.windows import (
 ConvPadding = Union[Padding, Literal["valid", "same"]]
 
 # %% auto #0
-__all__ = [
-    "ConvPadding",
-    "Applies",
-    "CONV2D_METHODS",
-    "ConvSpec",
-    "resolve_padding",
-    "check_groups",
-    "conv_spec",
-    "padded",
-    "MethodRegistry",
-    "group_spec",
-    "conv2d_per_group",
-    "register_conv2d",
-    "conv2d_methods",
-    "add_bias",
-    "conv2d",
-    "conv2d_naive",
-    "conv2d_einsum",
-    "nhwc_to_nchw",
-    "nchw_to_nhwc",
-    "hwio_to_oihw",
-    "oihw_to_hwio",
-]
-
+__all__ = ['ConvPadding', 'Applies', 'CONV2D_METHODS', 'ConvSpec', 'resolve_padding', 'check_groups', 'conv_spec', 'padded',
+           'MethodRegistry', 'group_spec', 'conv2d_per_group', 'register_conv2d', 'conv2d_methods', 'add_bias',
+           'conv2d', 'conv2d_naive', 'conv2d_einsum', 'nhwc_to_nchw', 'nchw_to_nhwc', 'hwio_to_oihw', 'oihw_to_hwio']
 
 # %% ../book/03_einsum.ipynb #c9d6181c
 @dataclass(frozen=True)
@@ -195,7 +174,6 @@ def conv_spec(
 def padded(x: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`x` with the spec's zero padding applied; `x` itself when there is none."""
     return x if spec.padding == ((0, 0), (0, 0)) else pad2d(x, spec.padding)
-
 
 # %% ../book/03_einsum.ipynb #34d81c98
 Applies = Callable[[Any], bool]  # a method's test of the problems it should be given
@@ -378,7 +356,6 @@ def conv2d(
     y = CONV2D_METHODS.resolve(method, spec)(x, w, spec)
     return y if b is None else add_bias(y, b)
 
-
 # %% ../book/03_einsum.ipynb #6ec36b75
 @register_conv2d("naive", priority=0)
 def conv2d_naive(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -404,7 +381,6 @@ def conv2d_naive(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
             )  # (N, KH, KW, C_in) . (KH, KW, C_in, C_out)
     return y
 
-
 # %% ../book/03_einsum.ipynb #397f5738
 @register_conv2d("einsum", priority=10)
 def conv2d_einsum(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -415,7 +391,6 @@ def conv2d_einsum(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
         padded(x, spec), spec.w_shape[:2], stride=spec.stride, dilation=spec.dilation
     )
     return np.einsum("nijabc,abco->nijo", win, w, optimize=True)
-
 
 # %% ../book/03_einsum.ipynb #c7b9607c
 def nhwc_to_nchw(x: ArrayLike) -> np.ndarray:

@@ -29,22 +29,8 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 
 # %% auto #0
-__all__ = [
-    "EMNIST_URL",
-    "SPLITS",
-    "MAPPINGS",
-    "SAMPLE_DIR",
-    "SHA256",
-    "SAMPLE_SHA256",
-    "DataError",
-    "read_idx",
-    "sha256",
-    "default_data_dir",
-    "read_mapping",
-    "download_emnist",
-    "load_emnist",
-    "load_sample",
-]
+__all__ = ['EMNIST_URL', 'SPLITS', 'MAPPINGS', 'SAMPLE_DIR', 'SHA256', 'SAMPLE_SHA256', 'DataError', 'read_idx', 'sha256',
+           'default_data_dir', 'read_mapping', 'download_emnist', 'load_emnist', 'load_sample']
 
 # %% ../book/07a_data.ipynb #dcb5593b
 # Official EMNIST distribution (NIST): one zip with every split as gzipped IDX under
@@ -93,12 +79,10 @@ _MAX_NDIM = 32  # the most dimensions an array has in every NumPy version
 _MAX_IDX_BYTES = 1 << 30  # 1 GiB: twice the largest EMNIST file, decompressed
 _BLOCK = 1 << 20  # files are read, hashed and decompressed 1 MiB at a time
 
-
 # %% ../book/07a_data.ipynb #7d9a12db
 class DataError(ValueError):
     """A data file is missing, corrupt, truncated, too large or does not match its
     checksum, or a download failed; the message names the file or the URL."""
-
 
 # %% ../book/07a_data.ipynb #c2e1c8d8
 def _as_path(value: object, name: str) -> Path:
@@ -129,7 +113,6 @@ def _check_positive(
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     if not (value >= 0 if zero else value > 0):
         raise ValueError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
-
 
 # %% ../book/07a_data.ipynb #63a6665a
 def _open_stream(path: Path) -> BinaryIO:
@@ -162,7 +145,6 @@ def _read_header(
         raise DataError(f"{path}: truncated header")
     return np.dtype(_IDX_TYPES[magic[2]]), struct.unpack(f">{ndim}I", sizes)
 
-
 # %% ../book/07a_data.ipynb #81745c57
 def _declared_bytes(
     path: Path, shape: tuple[int, ...], dtype: np.dtype, max_bytes: int | None
@@ -178,7 +160,6 @@ def _declared_bytes(
             f"than max_bytes={max_bytes:,}"
         )
     return nbytes
-
 
 # %% ../book/07a_data.ipynb #6f2caf6d
 def _read_payload(
@@ -213,7 +194,6 @@ def _native(buf: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndar
     if not dtype.isnative:
         a = a.byteswap(inplace=True).view(dtype.newbyteorder("="))
     return a
-
 
 # %% ../book/07a_data.ipynb #e7317078
 def read_idx(
@@ -254,7 +234,6 @@ def read_idx(
         ) from None
     return _native(buf, dtype, shape)
 
-
 # %% ../book/07a_data.ipynb #c6a0c9b7
 def sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file's bytes as stored (not decompressed), read in 1 MiB
@@ -278,7 +257,6 @@ def _check_digest(actual: str, expected: str, what: object, remedy: str) -> None
 def _verify(path: Path, expected: str, remedy: str) -> None:
     """Check the SHA-256 of the file `path` against `expected`."""
     _check_digest(sha256(path), expected, path, remedy)
-
 
 # %% ../book/07a_data.ipynb #6203e7e5
 def _official_name(split: str, subset: str, kind: str) -> str:
@@ -322,7 +300,6 @@ mnist    train labels 00c6d3c2342fdffb1711e0b5656cac4ce5862d2826399d383a9bac07d6
 """
 SHA256 = _hash_table(_OFFICIAL_SHA256, _official_name)
 
-
 # %% ../book/07a_data.ipynb #9fa701c6
 def default_data_dir() -> Path:
     """Where EMNIST files are cached: `$CONVBOOK_DATA`, else
@@ -332,7 +309,6 @@ def default_data_dir() -> Path:
         return Path(os.environ["CONVBOOK_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "convbook" / "emnist"
-
 
 # %% ../book/07a_data.ipynb #07cba10d
 def _data_folder(data_dir: str | os.PathLike | None, *, must_exist: bool) -> Path:
@@ -347,7 +323,6 @@ def _data_folder(data_dir: str | os.PathLike | None, *, must_exist: bool) -> Pat
     if must_exist and data_dir is not None and not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist")
     return folder
-
 
 # %% ../book/07a_data.ipynb #68882411
 def _first_file(paths: Iterable[Path]) -> Path | None:
@@ -376,7 +351,6 @@ def _locate(folder: Path, names: list[str], verify: bool) -> list[Path | None]:
                 f".gz file) cannot verify: keep {name} there, or pass verify=False"
             )
     return paths
-
 
 # %% ../book/07a_data.ipynb #fdc73496
 _MAX_MAPPING_BYTES = 1 << 16
@@ -414,7 +388,6 @@ def _mapping_line(line: str, path: Path, n: int) -> tuple[int, str]:
         raise DataError(f"{path}, line {n}: {codes} are not printable characters")
     return label, chars
 
-
 # %% ../book/07a_data.ipynb #753dc469
 def read_mapping(path: str | os.PathLike) -> dict[int, str]:
     """An EMNIST mapping file (`label ascii_code [ascii_code ...]` per line) as
@@ -442,7 +415,6 @@ def read_mapping(path: str | os.PathLike) -> dict[int, str]:
         raise DataError(f"{path} is empty: a mapping file has a line per class")
     return mapping
 
-
 # %% ../book/07a_data.ipynb #ca7c6dae
 def _load_mapping(folder: Path, split: str, verify: bool) -> dict[int, str]:
     """The split's mapping file in `folder` or `folder/gzip`, else `MAPPINGS[split]`.
@@ -457,7 +429,6 @@ def _load_mapping(folder: Path, split: str, verify: bool) -> dict[int, str]:
             "pass verify=False to use it"
         )
     return mapping
-
 
 # %% ../book/07a_data.ipynb #1dbd5628
 class _Progress:
@@ -485,7 +456,6 @@ class _Progress:
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
-
 
 # %% ../book/07a_data.ipynb #95f26bc9
 class _Limits(NamedTuple):
@@ -539,7 +509,6 @@ def _wanted_files(files: Iterable[str] | None) -> list[str]:
         )
     return names
 
-
 # %% ../book/07a_data.ipynb #1b5b5413
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
@@ -577,7 +546,6 @@ def _check_budget(url: str, received: int, limits: _Limits, stop_at: float) -> N
             f"the download from {url} did not finish within deadline="
             f"{limits.deadline:g} s"
         )
-
 
 # %% ../book/07a_data.ipynb #bf7d6492
 def _stream_to_file(
@@ -632,7 +600,6 @@ def _fetch(url: str, target: Path, limits: _Limits, progress: bool) -> None:
         f"could not download EMNIST from {url} ({attempt} attempt"
         f"{'s' * (attempt > 1)}): {failure}"
     )
-
 
 # %% ../book/07a_data.ipynb #c1b79016
 try:
@@ -706,7 +673,6 @@ def _extract_verified(
         folder.mkdir()
         return [_extract_member(z, m, folder, url, limit) for m in members]
 
-
 # %% ../book/07a_data.ipynb #87b48e07
 def download_emnist(
     data_dir: str | os.PathLike | None = None,
@@ -752,7 +718,6 @@ def download_emnist(
             os.replace(f, folder / f.name)
     return folder
 
-
 # %% ../book/07a_data.ipynb #e62578bd
 def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Images `(N, 28, 28)` uint8 as stored, labels `(N,)` int64, checked to agree."""
@@ -778,7 +743,6 @@ def _check_labels(labels: np.ndarray, mapping: dict, path: Path, split: str) -> 
         raise DataError(
             f"{path} has labels outside the {split} mapping: {outside[:10]}"
         )
-
 
 # %% ../book/07a_data.ipynb #0334e775
 def load_emnist(
@@ -831,7 +795,6 @@ def load_emnist(
     _check_labels(labels, mapping, paths[1], split)
     return np.ascontiguousarray(images.transpose(0, 2, 1)), labels, mapping
 
-
 # %% ../book/07a_data.ipynb #7e98b833
 def _sample_name(subset: str, kind: str) -> str:
     """A sample file's name, e.g. `emnist-bymerge-sample-test-images-idx3-ubyte.bz2`."""
@@ -848,7 +811,6 @@ test  images ed1399f6ac051df6dd23c5719a964fd761a4d4c6f66c4dab9c878b877610646b
 test  labels a482719d6be375d476949486da35f3aa9a539fd8719d63893ec51bf0b2512acc
 """
 SAMPLE_SHA256 = _hash_table(_SAMPLE_SHA256, _sample_name)
-
 
 # %% ../book/07a_data.ipynb #72b1bba4
 def load_sample(

@@ -31,36 +31,10 @@ from .transpose import conv_input_grad
 from .windows import out_size, windows
 
 # %% auto #0
-__all__ = [
-    "Setup",
-    "Arrays",
-    "Arguments",
-    "FIXTURES",
-    "Contrast",
-    "Arg",
-    "Failure",
-    "Exercise",
-    "names",
-    "get",
-    "stars",
-    "describe",
-    "stub",
-    "compare",
-    "mutated",
-    "raised",
-    "Case",
-    "fixed_cases",
-    "as_float64",
-    "random_cases",
-    "run_case",
-    "contrasts",
-    "report",
-    "check",
-    "reference_errors",
-    "function_exercise",
-    "random_conv_setup",
-    "conv_features",
-]
+__all__ = ['Setup', 'Arrays', 'Arguments', 'FIXTURES', 'Contrast', 'Arg', 'Failure', 'Exercise', 'names', 'get', 'stars',
+           'describe', 'stub', 'compare', 'mutated', 'raised', 'Case', 'fixed_cases', 'as_float64', 'random_cases',
+           'run_case', 'contrasts', 'report', 'check', 'reference_errors', 'function_exercise', 'random_conv_setup',
+           'conv_features']
 
 # %% ../book/A1_exercises.ipynb #c5a590a5
 # A case's geometry, JSON values: {"n": 2, "hw": (5, 6), "kernel": (3, 3), ...}
@@ -69,7 +43,6 @@ Setup = dict[str, Any]
 Arrays = dict[str, np.ndarray]
 # (positional arguments, keyword arguments); an `Arg` stands for one of the arrays
 Arguments = tuple[list, dict[str, Any]]
-
 
 # %% ../book/A1_exercises.ipynb #b709281e
 class Arg(str):
@@ -121,7 +94,6 @@ class Exercise:
     def chapter(self) -> str:
         """The chapter that asks for it: "5b" for "ch5b.max_pool2d_backward"."""
         return self.name.split(".")[0][2:]
-
 
 # %% ../book/A1_exercises.ipynb #9f8898b4
 _REGISTRY: dict[str, Exercise] = {}
@@ -180,7 +152,6 @@ def stub(name: str) -> str:
     """The code a chapter shows for exercise `name`: its signature, a docstring and
     `raise NotImplementedError`."""
     return get(name).stub
-
 
 # %% ../book/A1_exercises.ipynb #c5c54091
 def _kind(value: Any) -> str:
@@ -245,7 +216,6 @@ def compare(
         return Failure(text, ("dtype", name))
     return _wrong_values(name, got, expected, tol)
 
-
 # %% ../book/A1_exercises.ipynb #41d08afa
 def mutated(
     before: Arrays, after: Arrays, labels: Mapping[str, str]
@@ -269,7 +239,6 @@ def mutated(
         )
         return Failure(text, ("mutates", key))
     return None
-
 
 # %% ../book/A1_exercises.ipynb #796d44da
 # Frames of NumPy and of this package are not the reader's code.
@@ -297,7 +266,6 @@ def raised(error: Exception) -> Failure:
         f"{frame.lineno}{line})"
     )
     return Failure(text, ("raised", type(error).__name__))
-
 
 # %% ../book/A1_exercises.ipynb #8c64f01b
 class Case(NamedTuple):
@@ -353,7 +321,6 @@ def fixed_cases(name: str) -> list[Case]:
         cases.append(Case(title, setup, arrays, expected))
     return cases
 
-
 # %% ../book/A1_exercises.ipynb #a4113f1d
 def as_float64(arrays: Arrays) -> Arrays:
     """The same arrays in float64: references are computed in float64."""
@@ -370,7 +337,6 @@ def random_cases(name: str, seed: int, count: int) -> list[Case]:
         title = f"random case {k + 1} (expected values from convbook's NumPy code)"
         cases.append(Case(title, setup, arrays, expected))
     return cases
-
 
 # %% ../book/A1_exercises.ipynb #3ce6ab05
 def _layout(a: np.ndarray, contiguous: bool) -> np.ndarray:
@@ -394,7 +360,6 @@ def run_case(ex: Exercise, fn: Callable, case: Case) -> Optional[Failure]:
     for name, g, e in zip(ex.outputs, got, case.expected):
         failure = failure or compare(name, g, e, dtype, tol, ex.dtype_reason)
     return failure or (ex.inspect(got, arrays) if ex.inspect else None)
-
 
 # %% ../book/A1_exercises.ipynb #0954be75
 Contrast = tuple[float, str, str]  # (share of failing cases, sentence, failing label)
@@ -440,7 +405,6 @@ def contrasts(labels: list[dict[str, str]], failed: list[bool]) -> list[Contrast
                 )
     best = max((share for share, _, _ in found), default=0.0)
     return sorted((c for c in found if c[0] >= 0.75 * best), key=lambda c: -c[0])[:3]
-
 
 # %% ../book/A1_exercises.ipynb #903e9fce
 def _wrap(text: str) -> str:
@@ -495,7 +459,6 @@ def report(ex: Exercise, cases: list[Case], failures: list, seed: Optional[int])
         ]
     return "\n".join(lines)
 
-
 # %% ../book/A1_exercises.ipynb #d7449f0b
 def check(
     name: str, fn: Callable, *, seed: Optional[int] = None, n_random: int = 8
@@ -522,7 +485,6 @@ def check(
         raise AssertionError(report(ex, cases, failures, seed if n_random else None))
     return True
 
-
 # %% ../book/A1_exercises.ipynb #1a7ef8c3
 def reference_errors(name: str) -> float:
     """The largest relative error of the NumPy reference of exercise `name` against the
@@ -534,7 +496,6 @@ def reference_errors(name: str) -> float:
             scale = max(1.0, float(np.abs(e).max(initial=0.0)))
             worst = max(worst, float(np.abs(g - e).max(initial=0.0)) / scale)
     return worst
-
 
 # %% ../book/A1_exercises.ipynb #bcadacb1
 _COMMON_HINTS = {
@@ -582,7 +543,6 @@ def function_exercise(arguments: Callable[[Setup], Arguments], **fields) -> Exer
         return f"{function}({', '.join(shown)})"
 
     return _register(Exercise(call=call, show=show, **fields))
-
 
 # %% ../book/A1_exercises.ipynb #8baf56d7
 def _int_or_pair(pair: Optional[tuple]) -> Any:
@@ -647,7 +607,6 @@ def random_conv_setup(rng: np.random.Generator, padding: bool = True) -> Setup:
     )
     return {**_extras(rng), **geometry}
 
-
 # %% ../book/A1_exercises.ipynb #b43c51b4
 def _basic_features(s: Setup) -> dict[str, str]:
     """The labels every case has: layout, batch size, dtype."""
@@ -683,7 +642,6 @@ def conv_features(s: Setup) -> dict[str, str]:
         **_features(s, ("kernel", "stride", "padding", "dilation")),
     }
 
-
 # %% ../book/A1_exercises.ipynb #5d5618ec
 def _overlapping(s: Setup) -> bool:
     """Whether some pixel of the image (not the padding) is read by two windows."""
@@ -711,7 +669,6 @@ _ADD_AT = (
     "buffered: for a repeated index it keeps only one of the values. "
     "`np.add.at(a, (rows, cols), v)` adds every one (so does a loop over windows)."
 )
-
 
 # %% ../book/A1_exercises.ipynb #c4df1691
 def _windows_nchw_arguments(s: Setup) -> Arguments:
@@ -795,7 +752,6 @@ function_exercise(
     inspect=_inspect_view,
 )
 
-
 # %% ../book/A1_exercises.ipynb #2b8f8d4b
 def _conv_keywords(s: Setup) -> dict[str, Any]:
     return _keywords(s, stride=(1, 1), padding=(0, 0), dilation=(1, 1))
@@ -874,7 +830,6 @@ function_exercise(
     },
 )
 
-
 # %% ../book/A1_exercises.ipynb #53eff7e1
 def _depthwise_make(s: Setup, rng: np.random.Generator) -> Arrays:
     w = _normal(rng, (*s["kernel"], 1, s["c_out"]), s["dtype"])
@@ -946,7 +901,6 @@ function_exercise(
     },
 )
 
-
 # %% ../book/A1_exercises.ipynb #2a421932
 def _im2col_arguments(s: Setup) -> Arguments:
     return [Arg("x"), _int_or_pair(s["kernel"])], _conv_keywords(s)
@@ -988,7 +942,6 @@ function_exercise(
         "dilation": "Tap a of a window reads row i*sh + a*dh: the taps are dh apart.",
     },
 )
-
 
 # %% ../book/A1_exercises.ipynb #f86211db
 def _col2im_arguments(s: Setup) -> Arguments:
@@ -1042,7 +995,6 @@ function_exercise(
         "cols.reshape(N, H_out, W_out, KH, KW, C).",
     },
 )
-
 
 # %% ../book/A1_exercises.ipynb #f3b367fc
 def _backward_arguments(s: Setup) -> Arguments:
@@ -1098,7 +1050,6 @@ function_exercise(
         "has the shape of x.",
     },
 )
-
 
 # %% ../book/A1_exercises.ipynb #3e9fc2bd
 def _pool_arguments(s: Setup) -> Arguments:
@@ -1190,7 +1141,6 @@ function_exercise(
     },
 )
 
-
 # %% ../book/A1_exercises.ipynb #e8e24271
 def _input_grad_arguments(s: Setup) -> Arguments:
     return [Arg("dy"), Arg("w"), tuple(s["hw"])], _conv_keywords(s)
@@ -1268,7 +1218,6 @@ function_exercise(
         "its rows and between its columns.",
     },
 )
-
 
 # %% ../book/A1_exercises.ipynb #0e2dc114
 def _sgd_make(s: Setup, rng: np.random.Generator) -> Arrays:
@@ -1471,7 +1420,6 @@ _register(
     )
 )
 
-
 # %% ../book/A1_exercises.ipynb #33c325b4
 def _linear_make(s: Setup, rng: np.random.Generator) -> Arrays:
     (n, n_in, n_out), dtype = (s["n"], s["n_in"], s["n_out"]), s["dtype"]
@@ -1590,7 +1538,6 @@ _register(
         labels={"w": "params['w']", "b": "params['b']"},
     )
 )
-
 
 # %% ../book/A1_exercises.ipynb #c6a9b82e
 def _bands_label(s: Setup) -> dict[str, str]:
@@ -1767,7 +1714,6 @@ _register(
         dtype_reason="a number, compared as a float64",
     )
 )
-
 
 # %% ../book/A1_exercises.ipynb #93069b5f
 def _tile_make(s: Setup, rng: np.random.Generator) -> Arrays:

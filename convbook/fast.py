@@ -22,21 +22,12 @@ from .transpose import input_grad_padding, rot180
 from .windows import windows
 
 # %% auto #0
-__all__ = [
-    "WORKSPACE_BYTES",
-    "SMALL_C",
-    "PARALLEL_TILES",
-    "MIN_PARALLEL_BYTES",
-    "plan_tiles",
-    "conv2d_fast",
-    "conv2d_backward_fast",
-    "tile_threads",
-]
+__all__ = ['WORKSPACE_BYTES', 'SMALL_C', 'PARALLEL_TILES', 'MIN_PARALLEL_BYTES', 'plan_tiles', 'conv2d_fast',
+           'conv2d_backward_fast', 'tile_threads']
 
 # %% ../book/08_fast.ipynb #0225f1b1
 WORKSPACE_BYTES = 8 * 2**20  # the most workspace "fast" allocates in one call
 SMALL_C = 4  # up to this many input channels, im2col is stored tap-major (K, M)
-
 
 # %% ../book/08_fast.ipynb #48a699a4
 def _tile_bytes(spec: ConvSpec) -> tuple[int, int, int]:
@@ -66,7 +57,6 @@ def plan_tiles(spec: ConvSpec, cap: int = WORKSPACE_BYTES) -> tuple[int, int]:
         return max(1, min(n, cap // per_image)), ho
     return 1, max(1, min(ho, (cap - halo) // per_row))
 
-
 # %% ../book/08_fast.ipynb #dca3abda
 def _tiles(spec: ConvSpec, cap: int) -> Iterator[tuple[int, int, int, int]]:
     n, ho = spec.out_shape[:2]
@@ -75,14 +65,12 @@ def _tiles(spec: ConvSpec, cap: int) -> Iterator[tuple[int, int, int, int]]:
         for r0 in range(0, ho, rb):
             yield i0, min(n, i0 + nb), r0, min(ho, r0 + rb)
 
-
 # %% ../book/08_fast.ipynb #9dd0b363
 def _input_rows(spec: ConvSpec, r0: int, r1: int) -> tuple[int, int]:
     """First input row (unpadded coordinates, may be negative) and number of rows
     read by output rows `[r0, r1)`."""
     (sh, dh), kh = (spec.stride[0], spec.dilation[0]), spec.w_shape[0]
     return r0 * sh - spec.padding[0][0], (r1 - r0 - 1) * sh + dh * (kh - 1) + 1
-
 
 # %% ../book/08_fast.ipynb #605603c7
 def _fill_tile(
@@ -108,7 +96,6 @@ def _fill_tile(
         t[:, lo - top : hi - top, pl : pl + w] = x[i0:i1, lo:hi]
     return t
 
-
 # %% ../book/08_fast.ipynb #2cd739c6
 def _buffers(spec: ConvSpec, cap: int) -> tuple[np.ndarray, np.ndarray]:
     """The workspace: a padded-input tile `(images, rows, W_padded, C_in)` and a flat
@@ -120,7 +107,6 @@ def _buffers(spec: ConvSpec, cap: int) -> tuple[np.ndarray, np.ndarray]:
     tile = np.empty((nb, rows, wp, c_in), spec.dtype)
     cols = np.empty(nb * rb * spec.out_shape[2] * kh * kw * c_in, spec.dtype)
     return tile, cols
-
 
 # %% ../book/08_fast.ipynb #4273650c
 def _cols_views(
@@ -142,7 +128,6 @@ def _cols_views(
     cols = buf[: m * k].reshape(m, k)
     return cols, cols.reshape(nb, nr, wo, kh, kw, c)
 
-
 # %% ../book/08_fast.ipynb #2eae1f18
 def _im2col_tile(
     x: np.ndarray,
@@ -162,7 +147,6 @@ def _im2col_tile(
     np.copyto(six, windows(t, (kh, kw), stride=spec.stride, dilation=spec.dilation))
     return cols
 
-
 # %% ../book/08_fast.ipynb #b24be2d0
 def _is_pointwise(spec: ConvSpec, *arrays: np.ndarray) -> bool:
     """1x1 kernel, stride 1, no padding, C-contiguous arrays: one matrix product."""
@@ -172,7 +156,6 @@ def _is_pointwise(spec: ConvSpec, *arrays: np.ndarray) -> bool:
         and spec.padding == ((0, 0), (0, 0))
         and all(a.flags.c_contiguous for a in arrays)
     )
-
 
 # %% ../book/08_fast.ipynb #0fe45e95
 @register_conv2d("fast", priority=100)
@@ -200,7 +183,6 @@ def conv2d_fast(
     _run_tiles(spec, cap, lambda share: _buffers(spec, share), step)
     return y
 
-
 # %% ../book/08_fast.ipynb #20997048
 def _col2im_taps(six: np.ndarray, spec: ConvSpec, gt: np.ndarray) -> None:
     """Add the columns `six` `(nb, nr, W_out, KH, KW, C_in)` back into the zeroed
@@ -214,7 +196,6 @@ def _col2im_taps(six: np.ndarray, spec: ConvSpec, gt: np.ndarray) -> None:
             rows = slice(a * dh, a * dh + sh * (nr - 1) + 1, sh)
             cols = slice(b * dw, b * dw + sw * (wo - 1) + 1, sw)
             gt[:, rows, cols] += six[:, :, :, a, b]
-
 
 # %% ../book/08_fast.ipynb #f8ef805f
 def _grad_buffer(tile_buf: np.ndarray, c_in: int) -> np.ndarray:
@@ -242,7 +223,6 @@ def _col2im_tile(g, w2, spec, tile, cols, cols_buf, grad_buf, dx) -> None:
     lo, hi = max(top, 0), min(top + rows, h)
     if hi > lo:
         dx[i0:i1, lo:hi] += gt[:, lo - top : hi - top, pl : pl + wd]
-
 
 # %% ../book/08_fast.ipynb #970a1b9d
 def _backward_tiles(
@@ -274,7 +254,6 @@ def _backward_tiles(
         dw2 += state[3]
     return dx, dw2
 
-
 # %% ../book/08_fast.ipynb #d8db1cbe
 def _input_grad_by_conv(
     dy: np.ndarray, w: np.ndarray, spec: ConvSpec, cap: int
@@ -294,7 +273,6 @@ def _input_grad_by_conv(
     pads = ((max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)))
     d, wr, _, dspec = conv_spec(d, wr, padding=pads, dilation=spec.dilation)
     return conv2d_fast(d, wr, dspec, cap)
-
 
 # %% ../book/08_fast.ipynb #54a810c5
 @register_conv2d_backward("fast", priority=100)
@@ -326,7 +304,6 @@ def conv2d_backward_fast(
     if by_conv:  # after the tiles' workspace has been freed
         dx = _input_grad_by_conv(dy, w, spec, cap)
     return dx, dw2.reshape(spec.w_shape)
-
 
 # %% ../book/08_fast.ipynb #eb805a14
 PARALLEL_TILES = True  # False: one thread runs the tiles and BLAS threads each product
@@ -372,7 +349,6 @@ def tile_threads() -> int:
     blas = max([1, *(lib.get_num_threads() or 1 for lib in _blas_libraries())])
     return min(blas, _cores())
 
-
 # %% ../book/08_fast.ipynb #2c0b202f
 @contextlib.contextmanager
 def _one_blas_thread() -> Iterator[None]:
@@ -415,7 +391,6 @@ def _forget_pool() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
-
 # %% ../book/08_fast.ipynb #8f67730b
 def _group_count(spec: ConvSpec, cap: int, by_image: bool) -> tuple[int, int]:
     """How many groups of tiles there are, and how many tiles a group has: one tile
@@ -449,7 +424,6 @@ def _in_threads(spec, cap, threads, by_image, start: Callable, step: Callable) -
         finally:
             wait(futures)
     return [first] + [f.result() for f in futures]
-
 
 # %% ../book/08_fast.ipynb #b47d2f67
 def _thread_state_bytes(spec: ConvSpec) -> int:

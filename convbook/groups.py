@@ -13,8 +13,7 @@ from .conv import ConvSpec, padded, register_conv2d
 from .windows import windows
 
 # %% auto #0
-__all__ = ["conv2d_grouped", "conv2d_backward_grouped"]
-
+__all__ = ['conv2d_grouped', 'conv2d_backward_grouped']
 
 # %% ../book/03a_groups.ipynb #b91a7b6b
 def _depthwise_taps(xp: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -55,7 +54,6 @@ def conv2d_grouped(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
         "nijabgc,abcgm->nijgm", win, w.reshape(kh, kw, c, g, c_out // g), optimize=True
     )
     return y.reshape(spec.out_shape)
-
 
 # %% ../book/03a_groups.ipynb #cf23e323
 @register_conv2d_backward(

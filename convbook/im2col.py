@@ -13,14 +13,7 @@ from .conv import ConvSpec, padded, register_conv2d, resolve_padding
 from .windows import IntPair, as_pair, check_array, out_size, pad2d, windows
 
 # %% auto #0
-__all__ = [
-    "conv2d_matmul",
-    "im2col",
-    "conv2d_im2col",
-    "im2col_indices",
-    "conv2d_im2col_index",
-]
-
+__all__ = ['conv2d_matmul', 'im2col', 'conv2d_im2col', 'im2col_indices', 'conv2d_im2col_index']
 
 # %% ../book/04_im2col.ipynb #12d9f966
 @register_conv2d("matmul", priority=20)
@@ -45,7 +38,6 @@ def conv2d_matmul(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
             # (N*H_out*W_out, C_in) @ (C_in, C_out)
             y += tap.reshape(-1, c_in) @ w[a, b]
     return y.reshape(n, ho, wo, c_out)
-
 
 # %% ../book/04_im2col.ipynb #16e31d39
 def im2col(
@@ -89,7 +81,6 @@ def im2col(
         n * ho * wo, kh * kw * c
     )  # the copy happens here (if one is needed)
 
-
 # %% ../book/04_im2col.ipynb #8abd8502
 @register_conv2d("im2col", priority=30)
 def conv2d_im2col(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
@@ -102,7 +93,6 @@ def conv2d_im2col(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
         x, (kh, kw), stride=spec.stride, padding=spec.padding, dilation=spec.dilation
     )
     return (cols @ w.reshape(kh * kw * c_in, c_out)).reshape(spec.out_shape)
-
 
 # %% ../book/04_im2col.ipynb #fe5bb996
 def im2col_indices(
@@ -131,7 +121,6 @@ def im2col_indices(
     out_r = np.repeat(np.arange(ho) * sh, wo)  # (H_out*W_out,) top row of each window
     out_c = np.tile(np.arange(wo) * sw, ho)  # (H_out*W_out,) left column of each window
     return out_r[:, None] + tap_r[None, :], out_c[:, None] + tap_c[None, :]
-
 
 # %% ../book/04_im2col.ipynb #bb61c6bd
 @register_conv2d("im2col_index", priority=5)

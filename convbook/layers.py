@@ -22,31 +22,9 @@ from .windows import as_pair, pad2d
 IntPair = Union[int, tuple[int, int], list[int]]
 
 # %% auto #0
-__all__ = [
-    "IntPair",
-    "Layer",
-    "positive_int",
-    "float_dtype",
-    "check_rng",
-    "plain",
-    "Conv2d",
-    "as_bits",
-    "keep_where",
-    "as_keep",
-    "ReLU",
-    "MaxPool2d",
-    "Flatten",
-    "Linear",
-    "Dropout",
-    "channel_sums",
-    "BatchNorm2d",
-    "BatchNorm1d",
-    "Sequential",
-    "softmax_cross_entropy",
-    "SGD",
-    "Adam",
-]
-
+__all__ = ['IntPair', 'Layer', 'positive_int', 'float_dtype', 'check_rng', 'plain', 'Conv2d', 'as_bits', 'keep_where', 'as_keep',
+           'ReLU', 'MaxPool2d', 'Flatten', 'Linear', 'Dropout', 'channel_sums', 'BatchNorm2d', 'BatchNorm1d',
+           'Sequential', 'softmax_cross_entropy', 'SGD', 'Adam']
 
 # %% ../book/07b_layers.ipynb #ec57be03
 class Layer:
@@ -73,7 +51,6 @@ class Layer:
         """The constructor arguments as JSON values, so that a saved model can be
         rebuilt."""
         return {}
-
 
 # %% ../book/07b_layers.ipynb #5c1e7a20
 def positive_int(value, name: str) -> int:
@@ -123,7 +100,6 @@ def plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return value
-
 
 # %% ../book/07b_layers.ipynb #ad7329b3
 class Conv2d(Layer):
@@ -188,7 +164,6 @@ class Conv2d(Layer):
             **self.geom,
         )
 
-
 # %% ../book/07b_layers.ipynb #e2a76c53
 def as_bits(a: np.ndarray) -> np.ndarray:
     """The memory of `a` seen as signed integers of the same width: a view, no copy."""
@@ -212,7 +187,6 @@ def as_keep(mask: np.ndarray) -> np.ndarray:
     np.negative(keep, out=keep)
     return keep
 
-
 # %% ../book/07b_layers.ipynb #885dc224
 class ReLU(Layer):
     """`max(x, 0)` with PyTorch's values: NaN and -0.0 pass unchanged, -inf gives 0; the
@@ -234,7 +208,6 @@ class ReLU(Layer):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dy of the output's shape -> dx of the input's shape."""
         return keep_where(np.asarray(dy), self.keep)
-
 
 # %% ../book/07b_layers.ipynb #0e4db489
 class MaxPool2d(Layer):
@@ -289,7 +262,6 @@ class MaxPool2d(Layer):
             ceil_mode=self.ceil_mode,
         )
 
-
 # %% ../book/07b_layers.ipynb #b6e9c1f2
 def _pairs_apply(spec: PoolSpec) -> bool:
     """Whether the fast path fits: 2x2 windows, stride 2, no padding or dilation, and
@@ -333,7 +305,6 @@ def _pairs_backward(dy: np.ndarray, state: tuple, x_shape) -> np.ndarray:
         g_left = as_bits(dx[:, r : 2 * ho : 2, 0 : 2 * wo : 2])
         np.bitwise_xor(as_bits(g), as_bits(g_right), out=g_left)  # g where right is 0
     return dx
-
 
 # %% ../book/07b_layers.ipynb #3a7d5e80
 def _tap_slices(spec: PoolSpec) -> Iterator[tuple[int, tuple[slice, ...]]]:
@@ -385,7 +356,6 @@ def _taps_backward(dy: np.ndarray, state: tuple, spec: PoolSpec) -> np.ndarray:
     h, w = spec.in_hw
     return dxp[:, top : top + h, left : left + w]
 
-
 # %% ../book/07b_layers.ipynb #c2d16b46
 class Flatten(Layer):
     """`(N, ...)` -> `(N, features)` (NHWC order: channels vary fastest)."""
@@ -399,7 +369,6 @@ class Flatten(Layer):
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         return np.asarray(dy).reshape(self.shape)
-
 
 # %% ../book/07b_layers.ipynb #91277fca
 class Linear(Layer):
@@ -442,7 +411,6 @@ class Linear(Layer):
         n_in, n_out = self.params["w"].shape
         return dict(n_in=n_in, n_out=n_out, dtype=str(self.params["w"].dtype))
 
-
 # %% ../book/07b_layers.ipynb #3984528d
 class Dropout(Layer):
     """Inverted dropout: in training, zero each activation with probability `p` and
@@ -473,7 +441,6 @@ class Dropout(Layer):
     def config(self) -> dict:
         return dict(p=self.p)
 
-
 # %% ../book/07b_layers.ipynb #bf6dbab0
 def channel_sums(a: np.ndarray) -> np.ndarray:
     """Per-channel sums `(C,)` of a C-contiguous float array `(..., C)`: `ones @ a` with
@@ -494,7 +461,6 @@ def _check_eps(eps) -> float:
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     return eps
-
 
 # %% ../book/07b_layers.ipynb #8f7085ce
 class _BatchNorm(Layer):
@@ -603,7 +569,6 @@ class BatchNorm1d(_BatchNorm):
     """Batch normalisation of features `(N, C)`, as `torch.nn.BatchNorm1d` on 2-D input:
     per feature, over the batch; `params` and `bufs` as `BatchNorm2d`'s."""
 
-
 # %% ../book/07b_layers.ipynb #85bcb70f
 class Sequential(Layer):
     """Layers applied in order; parameters are named `"<index>.<name>"`."""
@@ -661,7 +626,6 @@ class Sequential(Layer):
         running statistics), named like `parameters()`."""
         return self._named("bufs")
 
-
 # %% ../book/07b_layers.ipynb #2e14d677
 def _check_logits(logits, labels) -> tuple[np.ndarray, np.ndarray]:
     logits, labels = np.asarray(logits), np.asarray(labels)
@@ -717,7 +681,6 @@ def softmax_cross_entropy(
     e *= share[:, None]
     return float(share @ loss), e
 
-
 # %% ../book/07b_layers.ipynb #5da416f4
 class SGD:
     """Stochastic gradient descent with (heavy-ball) momentum, as `torch.optim.SGD`.
@@ -743,7 +706,6 @@ class SGD:
                 v *= self.momentum
                 v += grads[k]
             p -= np.multiply(v, self.lr, out=self.work[k])
-
 
 # %% ../book/07b_layers.ipynb #6fa1abe5
 class Adam:

@@ -27,6 +27,5 @@ def byte_extent(
     hi = sum(max(0, (n - 1) * s) for n, s in zip(shape, strides)) + itemsize
     return lo, hi
 
-
 # %% auto #0
-__all__ = ["byte_extent"]
+__all__ = ['byte_extent']

@@ -19,21 +19,8 @@ from .windows import as_pair, check_array, pad2d, windows
 PoolPair = Union[int, tuple[int], tuple[int, int], list[int]]
 
 # %% auto #0
-__all__ = [
-    "PoolPair",
-    "pool_pair",
-    "PoolArgs",
-    "pool_args",
-    "pool_out_size",
-    "PoolSpec",
-    "pool_geometry",
-    "max_pool2d",
-    "avg_divisor",
-    "avg_pool2d",
-    "max_pool2d_backward",
-    "avg_pool2d_backward",
-]
-
+__all__ = ['PoolPair', 'pool_pair', 'PoolArgs', 'pool_args', 'pool_out_size', 'PoolSpec', 'pool_geometry', 'max_pool2d',
+           'avg_divisor', 'avg_pool2d', 'max_pool2d_backward', 'avg_pool2d_backward']
 
 # %% ../book/05b_pooling.ipynb #a4725c08
 def pool_pair(value: PoolPair, name: str, *, minimum: int = 1) -> tuple[int, int]:
@@ -59,7 +46,6 @@ def _as_flag(value, name: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
-
 
 # %% ../book/05b_pooling.ipynb #7c06cd02
 class PoolArgs(NamedTuple):
@@ -93,7 +79,6 @@ def pool_args(
         )
     return PoolArgs(kernel, stride, padding, dilation, _as_flag(ceil_mode, "ceil_mode"))
 
-
 # %% ../book/05b_pooling.ipynb #754a32c8
 def pool_out_size(
     size: int, kernel: int, stride: int, padding: int, dilation: int, ceil_mode: bool
@@ -109,7 +94,6 @@ def pool_out_size(
     if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
-
 
 # %% ../book/05b_pooling.ipynb #8a716a60
 class PoolSpec(NamedTuple):
@@ -131,7 +115,6 @@ class PoolSpec(NamedTuple):
             p = a.padding[ax]
             pads.append((p, max(p, span - self.in_hw[ax] - p)))
         return tuple(pads)
-
 
 # %% ../book/05b_pooling.ipynb #e197e835
 def _check_windows_see_image(args: PoolArgs, in_hw: tuple, out_hw: tuple) -> None:
@@ -181,7 +164,6 @@ def pool_geometry(
     _check_windows_see_image(args, x.shape[1:3], out_hw)
     return x, PoolSpec(args, x.shape[1:3], out_hw)
 
-
 # %% ../book/05b_pooling.ipynb #a47b9479
 def _lowest(dtype) -> Union[float, int]:
     """What max pooling pads with: -inf, or the minimum of an integer type."""
@@ -192,7 +174,6 @@ def _pool_windows(xp: np.ndarray, spec: PoolSpec) -> np.ndarray:
     """The read-only view `(N, H_out, W_out, KH, KW, C)` of the padded input xp."""
     a = spec.args
     return windows(xp, a.kernel, stride=a.stride, dilation=a.dilation)
-
 
 # %% ../book/05b_pooling.ipynb #3af155d8
 def max_pool2d(
@@ -224,7 +205,6 @@ def max_pool2d(
     (top, _), (left, _) = spec.pads
     return y, ((rows - top) * x.shape[2] + (cols - left)).astype(np.int64)
 
-
 # %% ../book/05b_pooling.ipynb #5a787e0f
 def avg_divisor(
     spec: PoolSpec,
@@ -248,7 +228,6 @@ def avg_divisor(
             start, end = np.maximum(start, 0), np.minimum(end, spec.in_hw[ax])
         counts.append(end - start)
     return np.outer(*counts).astype(np.int64)
-
 
 # %% ../book/05b_pooling.ipynb #71d64723
 def avg_pool2d(
@@ -274,7 +253,6 @@ def avg_pool2d(
     xp = pad2d(x, spec.pads) if spec.pads != ((0, 0), (0, 0)) else x
     sums = _pool_windows(xp, spec).sum(axis=(3, 4))
     return sums / divisor[:, :, None].astype(x.dtype)
-
 
 # %% ../book/05b_pooling.ipynb #7cfdb254
 def _check_dy(dy, x: np.ndarray, spec: PoolSpec) -> np.ndarray:
@@ -330,7 +308,6 @@ def _crop(dxp: np.ndarray, spec: PoolSpec) -> np.ndarray:
     h, w = spec.in_hw
     return dxp[:, top : top + h, left : left + w, :]
 
-
 # %% ../book/05b_pooling.ipynb #9aa1c46c
 def max_pool2d_backward(
     dy: np.ndarray,
@@ -359,7 +336,6 @@ def max_pool2d_backward(
     nn, cc = np.arange(n)[:, None, None, None], np.arange(c)[None, None, None, :]
     np.add.at(dxp, (nn, rows, cols, cc), dy)
     return _crop(dxp, spec)
-
 
 # %% ../book/05b_pooling.ipynb #d1505df2
 def avg_pool2d_backward(

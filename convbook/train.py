@@ -42,29 +42,9 @@ from convbook.layers import (
 from .windows import as_pair
 
 # %% auto #0
-__all__ = [
-    "LAYERS",
-    "DEFAULTS",
-    "HOLDOUT_SEED",
-    "MODEL_FORMAT",
-    "MAX_MODEL_BYTES",
-    "MAX_META_BYTES",
-    "PARAMETER_SHAPES",
-    "emnist_cnn",
-    "Model",
-    "evaluate",
-    "TrainingDiverged",
-    "EpochResult",
-    "train_epochs",
-    "fit",
-    "pixel_stats",
-    "split_holdout",
-    "TrainingData",
-    "load_training_data",
-    "ModelFileError",
-    "load_model",
-    "main",
-]
+__all__ = ['LAYERS', 'DEFAULTS', 'HOLDOUT_SEED', 'MODEL_FORMAT', 'MAX_MODEL_BYTES', 'MAX_META_BYTES', 'PARAMETER_SHAPES',
+           'emnist_cnn', 'Model', 'evaluate', 'TrainingDiverged', 'EpochResult', 'train_epochs', 'fit', 'pixel_stats',
+           'split_holdout', 'TrainingData', 'load_training_data', 'ModelFileError', 'load_model', 'main']
 
 # %% ../book/07_emnist.ipynb #00745430
 LAYERS = {
@@ -80,7 +60,6 @@ def _check_int(value, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
 
 # %% ../book/07_emnist.ipynb #a61bb515
 def emnist_cnn(
@@ -104,7 +83,6 @@ def emnist_cnn(
         Dropout(dropout, rng=rng),
         Linear(128, num_classes, rng=rng),
     )
-
 
 # %% ../book/07_emnist.ipynb #8464f98d
 def _check_mapping(mapping) -> dict[int, str]:
@@ -156,7 +134,6 @@ def _outputs(net: Sequential) -> int | None:
     if weighted and isinstance(weighted[-1], Linear):
         return weighted[-1].params["w"].shape[1]
     return None
-
 
 # %% ../book/07_emnist.ipynb #0f6c2d8e
 class Model:
@@ -234,7 +211,6 @@ class Model:
         )
         return _save_npz(path, meta, self.net.parameters())
 
-
 # %% ../book/07_emnist.ipynb #fec60dc1
 def _progress(total: int, desc: str, enabled: bool):
     """tqdm when it is installed (the `notebooks` extra), else a minimal text bar on
@@ -265,7 +241,6 @@ def _progress(total: int, desc: str, enabled: bool):
 
         return Bar()
 
-
 # %% ../book/07_emnist.ipynb #3a9fdd76
 def _check_labelled(model: Model, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The output numbers of `labels`, checked to be one per image and at least one."""
@@ -288,7 +263,6 @@ def evaluate(
     logits = model.logits(images, batch_size)
     loss, _ = softmax_cross_entropy(logits, index)
     return loss, float((logits.argmax(axis=1) == index).mean())
-
 
 # %% ../book/07_emnist.ipynb #71c3e0b5
 class TrainingDiverged(FloatingPointError):
@@ -326,7 +300,6 @@ def _check_finite_weights(params: dict[str, np.ndarray], when: str) -> None:
             raise TrainingDiverged(
                 f"weight {name} is not finite {when}: training diverged"
             )
-
 
 # %% ../book/07_emnist.ipynb #9a7f0aec
 def _train_epoch(model, images, targets, opt, order, batch_size, bar, epoch) -> tuple:
@@ -376,7 +349,6 @@ def _epochs(model, images, targets, opt, rng, epochs, batch_size, test, progress
             bar.close()
         yield EpochResult(epoch, loss, acc, test_loss, test_acc, seconds)
 
-
 # %% ../book/07_emnist.ipynb #2a9d4c61
 def train_epochs(
     model: Model,
@@ -425,7 +397,6 @@ def fit(
                 values.append(value)
     return hist
 
-
 # %% ../book/07_emnist.ipynb #9e8ce531
 def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
     """Mean and standard deviation of uint8 pixels `(N, ...)`, scaled to [0, 1], in
@@ -450,7 +421,6 @@ DEFAULTS = dict(epochs=6, batch_size=64, lr=1e-3, seed=0)
 # %% ../book/07_emnist.ipynb #05e8e34c
 HOLDOUT_SEED = 0  # the held-out split of --from-test-file never depends on --seed
 
-
 # %% ../book/07_emnist.ipynb #411d6860
 def _check_fraction(fraction: float, name: str = "fraction") -> float:
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
@@ -471,7 +441,6 @@ def split_holdout(
     if not 0 < k < n:
         raise ValueError(f"fraction {fraction} of {n} items leaves a part empty")
     return np.sort(order[k:]), np.sort(order[:k])
-
 
 # %% ../book/07_emnist.ipynb #feac9f31
 class TrainingData(NamedTuple):
@@ -508,7 +477,6 @@ def _test_file_data(split, data_dir, holdout, download) -> TrainingData:
     )
     return TrainingData(x[tr], y[tr], x[te], y[te], mapping, text)
 
-
 # %% ../book/07_emnist.ipynb #0b5f3e8a
 def load_training_data(
     split: str = "sample",
@@ -543,7 +511,6 @@ def load_training_data(
         "test images"
     )
     return TrainingData(xtr, ytr, xte, yte, mapping, text)
-
 
 # %% ../book/07_emnist.ipynb #6f8ce9cb
 class ModelFileError(DataError):
@@ -580,7 +547,6 @@ def _json_default(value):
         return str(value)
     raise TypeError(f"cannot save {value!r} ({type(value).__name__}) in a model file")
 
-
 # %% ../book/07_emnist.ipynb #3e7b5a90
 def _npz_path(path: str | os.PathLike) -> Path:
     """`path`, with `.npz` added when it has another suffix (as `np.savez` does)."""
@@ -610,7 +576,6 @@ def _save_npz(
     finally:
         part.unlink(missing_ok=True)
     return path
-
 
 # %% ../book/07_emnist.ipynb #9b4e1f27
 MAX_META_BYTES = 2**22  # __meta__ is a short JSON string
@@ -652,7 +617,6 @@ def _linear_arrays(config: dict) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
 
 # For each layer of LAYERS with parameters: their shapes and dtypes from its config.
 PARAMETER_SHAPES = {"Conv2d": _conv2d_arrays, "Linear": _linear_arrays}
-
 
 # %% ../book/07_emnist.ipynb #c2d8a6e1
 def _check_spec(spec) -> tuple[str, dict]:
@@ -698,7 +662,6 @@ def _expected_arrays(specs, prefix: str = "", depth: int = 0) -> dict:
         out |= {f"{prefix}{i}.{k}": v for k, v in shapes.items()}
     return out
 
-
 # %% ../book/07_emnist.ipynb #5d9f0b38
 def _members(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
     """The members of a model file by array name; only `.npy` arrays are allowed."""
@@ -740,7 +703,6 @@ def _read_array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
             raise ModelFileError(f"{info.filename} has bytes after its array")
     return value
 
-
 # %% ../book/07_emnist.ipynb #e81f4c52
 def _read_meta(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> dict:
     """The checked `__meta__` of a model file."""
@@ -776,7 +738,6 @@ def _check_headers(zf: zipfile.ZipFile, members: dict, expected: dict) -> None:
                 f"array {name} has shape {got_shape} and dtype {got_dtype}, but its "
                 f"layer needs shape {shape} and dtype {dtype}"
             )
-
 
 # %% ../book/07_emnist.ipynb #7a3c5e69
 def _build(specs: list) -> Sequential:
@@ -818,7 +779,6 @@ def _mapping_from_json(mapping) -> dict[int, str]:
         raise ModelFileError("its mapping gives one label twice")
     return out
 
-
 # %% ../book/07_emnist.ipynb #f0a6b7c3
 def _read_model(zf: zipfile.ZipFile, max_bytes: int) -> Model:
     members = _members(zf)
@@ -858,7 +818,6 @@ def load_model(path: str | os.PathLike, *, max_bytes: int = MAX_MODEL_BYTES) -> 
         raise ModelFileError(
             f"cannot load a model from {path}: {type(e).__name__}: {e}"
         ) from e
-
 
 # %% ../book/07_emnist.ipynb #79e08592
 def _parser() -> argparse.ArgumentParser:
@@ -914,7 +873,6 @@ def _training_options(ap: argparse.ArgumentParser) -> None:
         help="never download, fail if files are missing",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-
 
 # %% ../book/07_emnist.ipynb #4b2e8d61
 def _writable(path: str | os.PathLike) -> Path:
@@ -982,7 +940,6 @@ def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
     except ValueError as e:
         ap.error(f"--out: {e}")
 
-
 # %% ../book/07_emnist.ipynb #8e4c2a07
 def _fail(message: object) -> int:
     print(f"convbook-train: error: {message}", file=sys.stderr)
@@ -1030,7 +987,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     return _run(args, _check_args(ap, args))
-
 
 # %% ../book/07_emnist.ipynb #ceb1c75a
 if (

@@ -15,19 +15,8 @@ from .conv import ConvSpec, add_bias, check_groups, conv2d
 from .windows import IntPair, Padding, as_pair, as_padding, check_array, pad2d
 
 # %% auto #0
-__all__ = [
-    "dilate",
-    "rot180",
-    "pad_or_crop",
-    "input_grad_padding",
-    "conv_input_grad",
-    "swap_channels",
-    "conv_weight_grad",
-    "conv2d_backward_dilate",
-    "conv_transpose2d",
-    "conv_transpose2d_backward",
-]
-
+__all__ = ['dilate', 'rot180', 'pad_or_crop', 'input_grad_padding', 'conv_input_grad', 'swap_channels', 'conv_weight_grad',
+           'conv2d_backward_dilate', 'conv_transpose2d', 'conv_transpose2d_backward']
 
 # %% ../book/06_transpose.ipynb #b0c594e2
 def dilate(x: np.ndarray, stride: IntPair) -> np.ndarray:
@@ -46,7 +35,6 @@ def dilate(x: np.ndarray, stride: IntPair) -> np.ndarray:
     out[:, ::sh, ::sw, :] = x
     return out
 
-
 # %% ../book/06_transpose.ipynb #f603f766
 def rot180(w: np.ndarray) -> np.ndarray:
     """Rotate HWIO kernels by 180 degrees in the spatial plane: `w[::-1, ::-1]`.
@@ -54,7 +42,6 @@ def rot180(w: np.ndarray) -> np.ndarray:
     A view; the shape is unchanged.
     """
     return check_array(w, "w", 4, "(KH, KW, C_in, C_out)")[::-1, ::-1]
-
 
 # %% ../book/06_transpose.ipynb #26394dd2
 def pad_or_crop(
@@ -73,7 +60,6 @@ def pad_or_crop(
         out[:, r0 + top : r1 + top, c0 + left : c1 + left, :] = x[:, r0:r1, c0:c1, :]
     return out
 
-
 # %% ../book/06_transpose.ipynb #5908e72e
 def input_grad_padding(
     h: int, h_out: int, kernel: int, stride: int, pad_top: int, dilation: int
@@ -88,7 +74,6 @@ def input_grad_padding(
     top = dilation * (kernel - 1) - pad_top
     bottom = h + pad_top - (h_out - 1) * stride - 1
     return top, bottom
-
 
 # %% ../book/06_transpose.ipynb #dc26c51c
 def conv_input_grad(
@@ -129,7 +114,6 @@ def swap_channels(w: np.ndarray, groups: int = 1) -> np.ndarray:
         w.reshape(kh, kw, c, groups, m).transpose(0, 1, 4, 3, 2).reshape(kh, kw, m, -1)
     )
 
-
 # %% ../book/06_transpose.ipynb #26a8f8a2
 def conv_weight_grad(
     dy: np.ndarray,
@@ -155,7 +139,6 @@ def conv_weight_grad(
     )
     return g[:, : kernel[0], : kernel[1], :].transpose(1, 2, 0, 3)
 
-
 # %% ../book/06_transpose.ipynb #35e57425
 @register_conv2d_backward("dilate", priority=5)
 def conv2d_backward_dilate(
@@ -179,7 +162,6 @@ def conv2d_backward_dilate(
         dy, x, spec.w_shape[:2], spec.stride, spec.padding, spec.dilation
     )
     return dx, dw
-
 
 # %% ../book/06_transpose.ipynb #59314add
 def _transpose_spec(x, w, b, stride, padding, output_padding, dilation, groups):
@@ -253,7 +235,6 @@ def conv_transpose2d(
     x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
     z = conv_input_grad(x, w, hw, stride, pads, dilation, groups)
     return z if b is None else add_bias(z, b.astype(dtype, copy=False))
-
 
 # %% ../book/06_transpose.ipynb #2757d0de
 def conv_transpose2d_backward(

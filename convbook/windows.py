@@ -22,19 +22,8 @@ IntPair = Union[int, tuple[int, int]]
 Padding = Union[int, tuple[int, int], tuple[tuple[int, int], tuple[int, int]]]
 
 # %% auto #0
-__all__ = [
-    "IntPair",
-    "Padding",
-    "MAX_INT",
-    "as_pair",
-    "check_array",
-    "out_size",
-    "check_inside",
-    "safe_as_strided",
-    "windows",
-    "as_padding",
-    "pad2d",
-]
+__all__ = ['IntPair', 'Padding', 'MAX_INT', 'as_pair', 'check_array', 'out_size', 'check_inside', 'safe_as_strided', 'windows',
+           'as_padding', 'pad2d']
 
 # %% ../book/02_windows.ipynb #0a022bfb
 MAX_INT = 2**31 - 1  # the largest stride, padding, dilation or kernel size accepted
@@ -95,7 +84,6 @@ def out_size(
     """
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
-
 # %% ../book/02_windows.ipynb #a7737745
 def check_inside(
     base: np.ndarray, shape: tuple[int, ...], strides: tuple[int, ...]
@@ -133,7 +121,6 @@ def safe_as_strided(
         base, shape=shape, strides=strides, writeable=False
     )
 
-
 # %% ../book/02_windows.ipynb #3262d94d
 def windows(
     x: ArrayLike, kernel: IntPair, *, stride: IntPair = 1, dilation: IntPair = 1
@@ -162,7 +149,6 @@ def windows(
     return safe_as_strided(
         x, (n, ho, wo, kh, kw, c), (s_n, s_h * sh, s_w * sw, s_h * dh, s_w * dw, s_c)
     )
-
 
 # %% ../book/02_windows.ipynb #749685d9
 def as_padding(

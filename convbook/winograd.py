@@ -20,56 +20,15 @@ from .fast import conv2d_backward_fast, conv2d_fast
 from .windows import windows
 
 # %% auto #0
-__all__ = [
-    "AT_INFINITY",
-    "INTERPOLATION_POINTS",
-    "WINOGRAD",
-    "WINOGRAD_TILE_BYTES",
-    "FFT_TILE_BYTES",
-    "RATES",
-    "TAPS_BYTES",
-    "F4_MAX_CHANNELS",
-    "USE_IN_AUTO",
-    "Winograd",
-    "evaluation_matrix",
-    "toom_cook",
-    "check_winograd",
-    "copy_pixels",
-    "fill_block",
-    "plan_winograd",
-    "transform_kernel",
-    "kron_apply",
-    "winograd_conv2d",
-    "winograd_weight_grad",
-    "input_grad_phases",
-    "check_stride1",
-    "dilated_conv2d",
-    "dilated_backward",
-    "fft_size",
-    "FFTPlan",
-    "Rates",
-    "plan_fft",
-    "kernel_spectrum",
-    "fft_conv2d",
-    "fft_weight_grad",
-    "taps_conv2d",
-    "forward_costs",
-    "backward_costs",
-    "choose_conv2d",
-    "choose_conv2d_backward",
-    "winograd_supports",
-    "stride1_supports",
-    "finite",
-    "conv2d_winograd",
-    "conv2d_winograd4",
-    "conv2d_fft",
-    "conv2d_dilated",
-    "conv2d_taps",
-    "conv2d_backward_fft",
-    "conv2d_backward_phases",
-    "conv2d_backward_dilated",
-    "calibrate",
-]
+__all__ = ['AT_INFINITY', 'INTERPOLATION_POINTS', 'WINOGRAD', 'WINOGRAD_TILE_BYTES', 'FFT_TILE_BYTES', 'RATES', 'TAPS_BYTES',
+           'F4_MAX_CHANNELS', 'USE_IN_AUTO', 'Winograd', 'evaluation_matrix', 'toom_cook', 'check_winograd',
+           'copy_pixels', 'fill_block', 'plan_winograd', 'transform_kernel', 'kron_apply', 'winograd_conv2d',
+           'winograd_weight_grad', 'input_grad_phases', 'check_stride1', 'dilated_conv2d', 'dilated_backward',
+           'fft_size', 'FFTPlan', 'Rates', 'plan_fft', 'kernel_spectrum', 'fft_conv2d', 'fft_weight_grad',
+           'taps_conv2d', 'forward_costs', 'backward_costs', 'choose_conv2d', 'choose_conv2d_backward',
+           'winograd_supports', 'stride1_supports', 'finite', 'conv2d_winograd', 'conv2d_winograd4', 'conv2d_fft',
+           'conv2d_dilated', 'conv2d_taps', 'conv2d_backward_fft', 'conv2d_backward_phases', 'conv2d_backward_dilated',
+           'calibrate']
 
 # %% ../book/09_winograd.ipynb #504864dd
 AT_INFINITY = math.inf  # the point at infinity: a polynomial's leading coefficient
@@ -98,7 +57,6 @@ class Winograd(NamedTuple):
     @property
     def n(self) -> int:
         return self.BT.shape[0]
-
 
 # %% ../book/09_winograd.ipynb #ed4b7f0c
 def evaluation_matrix(points: Sequence, k: int) -> list[list[Fraction]]:
@@ -131,7 +89,6 @@ def _inverse(a: list[list[Fraction]]) -> list[list[Fraction]]:
                 aug[r] = [u - f * v for u, v in zip(aug[r], aug[c])]
     return [row[n:] for row in aug]
 
-
 # %% ../book/09_winograd.ipynb #596efb78
 def _integer_rows(bt: list, g: list) -> None:
     """Scale each row `j` of `BT` to coprime integers and divide row `j` of `G` by the
@@ -162,7 +119,6 @@ def toom_cook(m: int, r: int = 3, points: Optional[Sequence] = None) -> Winograd
     f = lambda a: np.array([[float(v) for v in row] for row in a])  # noqa: E731
     return Winograd(f(at), f(g), f(bt), points)
 
-
 # %% ../book/09_winograd.ipynb #99651dcd
 WINOGRAD = {m: toom_cook(m) for m in INTERPOLATION_POINTS}  # F(2, 3) and F(4, 3)
 
@@ -181,7 +137,6 @@ def check_winograd(spec: ConvSpec) -> None:
     for what, value in (("stride", spec.stride), ("dilation", spec.dilation)):
         if value != (1, 1):
             raise ValueError(f"method='winograd' needs {what} 1, got {what}={value}")
-
 
 # %% ../book/09_winograd.ipynb #8da413aa
 def copy_pixels(dst: np.ndarray, src: np.ndarray) -> None:
@@ -215,7 +170,6 @@ def fill_block(x: np.ndarray, i0: int, i1: int, top: int, left: int, buf: np.nda
     inside = t[:, r0 - top : r1 - top, c0 - left : c1 - left]
     copy_pixels(inside, x[i0:i1, r0:r1, c0:c1])
     return t
-
 
 # %% ../book/09_winograd.ipynb #978c5c15
 def plan_winograd(spec: ConvSpec, m: int, cap: int = WINOGRAD_TILE_BYTES):
@@ -259,7 +213,6 @@ def _tile_groups(spec: ConvSpec, m: int, cap: int):
     for i0 in range(0, batch, nb):
         for r0 in range(0, th, rb):
             yield _Tiles(i0, min(batch, i0 + nb), r0, min(th, r0 + rb), tw)
-
 
 # %% ../book/09_winograd.ipynb #5fafd345
 def transform_kernel(w: np.ndarray, wg: Winograd) -> np.ndarray:
@@ -322,7 +275,6 @@ def _winograd_buffers(spec: ConvSpec, wg: Winograd, cap: int, c_out: int) -> dic
         A=np.ascontiguousarray(wg.AT.T, dt),
     )
 
-
 # %% ../book/09_winograd.ipynb #e8867f30
 def _output_tiles(mprod: np.ndarray, y: np.ndarray, wg: Winograd, g: _Tiles, bufs):
     """`A^T M A` of the products `(n^2, tiles, C_out)` of group `g`, written into its
@@ -370,7 +322,6 @@ def winograd_conv2d(
         _output_tiles(mprod, y, wg, g, bufs)
     return y if y.shape == spec.out_shape else np.ascontiguousarray(y[:, :ho, :wo])
 
-
 # %% ../book/09_winograd.ipynb #48f253fd
 def _output_grad_tiles(dy: np.ndarray, wg: Winograd, g: _Tiles, bufs) -> np.ndarray:
     """The adjoint of `_output_tiles`: `A dY A^T` of the `m x m` tiles of `dy` (zero
@@ -412,7 +363,6 @@ def winograd_weight_grad(
     kron = np.kron(wg.G, wg.G).astype(spec.dtype)
     return (kron.T @ dwt.reshape(wg.n**2, -1)).reshape(spec.w_shape)
 
-
 # %% ../book/09_winograd.ipynb #24ae8ab3
 def _phase_axis(size: int, out: int, k: int, s: int, pad: int, d: int, rho: int):
     """One axis of `dx[rho::s]`, the rows of one phase of the input gradient of a
@@ -439,7 +389,6 @@ def _signed_pad(d: np.ndarray, pads) -> tuple[np.ndarray, tuple]:
     h, w = d.shape[1:3]
     d = d[:, max(-t, 0) : h - max(-b, 0), max(-l, 0) : w - max(-r, 0)]
     return d, ((max(t, 0), max(b, 0)), (max(l, 0), max(r, 0)))
-
 
 # %% ../book/09_winograd.ipynb #b29986f7
 def _grad_phases(spec: ConvSpec):
@@ -496,7 +445,6 @@ def _grad_phase_specs(spec: ConvSpec):
         k = (len(th), len(tw), c_out, c_in)
         yield ConvSpec((n, rows, cols, c_out), k, (1, 1), pads, dil, spec.dtype)
 
-
 # %% ../book/09_winograd.ipynb #e1ce4ff3
 def _dilation_phase(size: int, before: int, after: int, d: int, rho: int):
     """Rows `rho, rho + d, ...` of an axis of length `size` padded by `before` and
@@ -533,7 +481,6 @@ def check_stride1(spec: ConvSpec, method: str) -> None:
     if spec.stride != (1, 1):
         raise ValueError(f"method={method!r} needs stride 1, got stride={spec.stride}")
 
-
 # %% ../book/09_winograd.ipynb #a799268c
 def dilated_conv2d(x: np.ndarray, w: np.ndarray, spec: ConvSpec, forward) -> np.ndarray:
     """A stride-1 convolution with dilation `(d_h, d_w)` as `d_h * d_w` ordinary ones:
@@ -569,7 +516,6 @@ def dilated_backward(dy, x, w, spec: ConvSpec, input_grad: bool, backward):
         if input_grad:
             copy_pixels(dx[:, rows, cols], gx)
     return dx, dw
-
 
 # %% ../book/09_winograd.ipynb #f992b15c
 FFT_TILE_BYTES = 8 * 2**20  # spectra of one tile of images and of the kernel
@@ -608,7 +554,6 @@ def _fft_lengths(out: int, span: int) -> list[int]:
     full = fft_size(out + span - 1)
     sizes = {fft_size(n) for n in range(span, full + 1)}
     return sorted(s for s in sizes if s <= full)
-
 
 # %% ../book/09_winograd.ipynb #bcd5d995
 class Rates(NamedTuple):
@@ -662,7 +607,6 @@ def plan_fft(spec: ConvSpec, cap: int = FFT_TILE_BYTES) -> FFTPlan:
     rows, cols = min(ho, lh - span_h + 1), min(wo, lw - span_w + 1)
     return FFTPlan(int(images), rows, cols, lh, lw)
 
-
 # %% ../book/09_winograd.ipynb #b1cb66c5
 def kernel_spectrum(w: np.ndarray, spec: ConvSpec, lh: int, lw: int) -> np.ndarray:
     """`conj(rfft2(w))` of the dilated kernel zero-padded to `lh x lw`, laid out
@@ -689,7 +633,6 @@ def _spectra(t: np.ndarray) -> np.ndarray:
     f = np.fft.rfft2(t, axes=(1, 2))
     return f.reshape(len(t), -1, t.shape[3]).transpose(1, 0, 2)
 
-
 # %% ../book/09_winograd.ipynb #06e70abd
 def fft_conv2d(
     x: np.ndarray, w: np.ndarray, spec: ConvSpec, cap: int = FFT_TILE_BYTES
@@ -715,7 +658,6 @@ def fft_conv2d(
         rows, cols = min(p.rows, ho - r0), min(p.cols, wo - c0)
         copy_pixels(y[i0:i1, r0 : r0 + rows, c0 : c0 + cols], out[:, :rows, :cols])
     return y
-
 
 # %% ../book/09_winograd.ipynb #8ff0126a
 def fft_weight_grad(
@@ -744,7 +686,6 @@ def fft_weight_grad(
     acc = acc.reshape(p.lh, -1, c_in, c_out)
     full = np.fft.irfft2(acc, s=(p.lh, p.lw), axes=(0, 1))
     return full[: dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw].astype(spec.dtype)
-
 
 # %% ../book/09_winograd.ipynb #44ff9062
 TAPS_BYTES = 2 * 2**20  # workspace of the direct method, per group of images
@@ -780,7 +721,6 @@ def taps_conv2d(
                     np.multiply(tap[..., c, None], w[a, b, c], out=scratch)
                     out += scratch
     return y
-
 
 # %% ../book/09_winograd.ipynb #66311f54
 def _winograd_cost(spec: ConvSpec, m: int, rates: Rates = RATES) -> float:
@@ -843,7 +783,6 @@ def forward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
         costs["dilated"] = _dilated_cost(spec, rates)
     return costs
 
-
 # %% ../book/09_winograd.ipynb #d591e815
 def _best_forward(spec: ConvSpec, rates: Rates) -> float:
     return min(forward_costs(spec, rates).values())
@@ -887,7 +826,6 @@ def backward_costs(spec: ConvSpec, rates: Rates = RATES) -> dict[str, float]:
         )
     return costs
 
-
 # %% ../book/09_winograd.ipynb #d1b47c14
 F4_MAX_CHANNELS = 256  # auto uses F(4x4, 3x3) in float32 up to this many input channels
 
@@ -917,7 +855,6 @@ def _auto(spec: ConvSpec):
 
 def _auto_backward(spec: ConvSpec):
     return CONV2D_BACKWARD_METHODS.resolve("auto", spec)
-
 
 # %% ../book/09_winograd.ipynb #17fa59b5
 USE_IN_AUTO = True  # False: "auto" ignores this chapter's methods (chapter 8's choice)
@@ -992,7 +929,6 @@ def conv2d_taps(x: np.ndarray, w: np.ndarray, spec: ConvSpec) -> np.ndarray:
     """`conv2d(..., method="taps")`: a multiply-add per tap (measured, never auto)."""
     return taps_conv2d(x, w, spec)
 
-
 # %% ../book/09_winograd.ipynb #efe7891c
 def _winograd_backward(m: int):
     def backward(dy, x, w, spec: ConvSpec, input_grad: bool = True):
@@ -1048,7 +984,6 @@ def conv2d_backward_dilated(dy, x, w, spec: ConvSpec, input_grad: bool = True):
     return dilated_backward(
         dy, x, w, spec, input_grad, lambda *a: _auto_backward(a[3])(*a)
     )
-
 
 # %% ../book/09_winograd.ipynb #32d2c4a5
 def _seconds(fn, repeat: int = 9) -> float:
